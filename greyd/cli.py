@@ -1,0 +1,226 @@
+"""The `greyd` command (click): start the proxy, check the config, explain a decision.
+
+Errors are one line on standard error and exit status 1 (usage errors 2);
+never a traceback. Listings take --json for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__, config as configuration, log, policy, replies
+from .daemonize import Pidfile, detach
+from .server import Daemon, serve_until
+from .smtp import Context
+from .store import Store, StorePool
+
+
+class GreydError(click.ClickException):
+    """An error shown as one line: 'greyd: <message>'."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"greyd: {self.format_message()}", err=True)
+
+
+def load_config(ctx: click.Context) -> configuration.Config:
+    try:
+        path = configuration.find(ctx.obj["config"], os.environ, Path.cwd())
+        return configuration.load(path)
+    except configuration.ConfigError as error:
+        raise GreydError(f"config: {error}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "config_path", metavar="PATH",
+              help="Config file (default: $GREYD_CONFIG, ./etc/greyd.toml, /etc/greyd/greyd.toml).")
+@click.version_option(__version__, prog_name="greyd")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """greyd: a greylisting SMTP proxy in front of your MTA."""
+    ctx.obj = {"config": config_path}
+
+
+@cli.command()
+@click.option("--foreground", is_flag=True, help="Stay attached and log to stderr too.")
+@click.option("--listen", multiple=True, metavar="HOST:PORT",
+              help="Listen here instead of server.listen (repeatable; [::1]:2525 for IPv6).")
+@click.pass_context
+def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None:
+    """Start the proxy; without --foreground, return once it is listening.
+
+    \b
+    Example:
+      greyd start --foreground --listen 127.0.0.1:2525 --listen [::1]:2525
+    """
+    config = load_config(ctx)
+    if listen:
+        try:
+            config = configuration.with_listen(config, listen)
+        except configuration.ConfigError as error:
+            raise GreydError(str(error)) from None
+    pidfile = Pidfile(config.server.pidfile)
+    running = pidfile.running()
+    if running:
+        raise GreydError(f"already running (pid {running}, pidfile {pidfile.path})")
+    try:
+        logger = log.setup(config.log, stderr=foreground)
+    except OSError as error:
+        raise GreydError(f"cannot open log file: {error}") from None
+    pool = StorePool(config.database.path)
+    try:
+        config.database.path.parent.mkdir(parents=True, exist_ok=True)
+        pool.open()
+    except (sqlite3.Error, OSError) as error:
+        raise GreydError(f"database not writable: {config.database.path}: {error}") from None
+    pool.close()                      # reopened lazily after the fork
+    try:
+        daemon = Daemon(Context(config, pool, logger=logger))
+    except OSError as error:
+        raise GreydError(f"cannot listen on {_listen_text(config)}: "
+                         f"{error.strerror or error}") from None
+    notify = None if foreground else detach()
+    try:
+        pidfile.write()
+    except OSError as error:
+        _report(notify, f"cannot write pidfile: {error}")
+        raise GreydError(f"cannot write pidfile: {error}") from None
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    _report(notify, "")
+    try:
+        serve_until(daemon, stop)
+    finally:
+        pidfile.remove()
+
+
+def _listen_text(config: configuration.Config) -> str:
+    return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in config.server.listen)
+
+
+def _report(notify, error: str) -> None:
+    if notify is not None:
+        notify(error)
+
+
+@cli.command()
+@click.pass_context
+def check(ctx: click.Context) -> None:
+    """Validate the config and print the effective settings.
+
+    \b
+    Example:
+      greyd -c /etc/greyd/greyd.toml check
+    """
+    config = load_config(ctx)
+    click.echo(f"# config: {config.source or 'built-in defaults'}")
+    click.echo(f"# root:   {config.root}")
+    for section, values in config.as_dict().items():
+        click.echo(f"[{section}]")
+        for key, value in values.items():
+            click.echo(f"{key} = {json.dumps(value)}")
+    click.echo("config OK", err=True)
+
+
+@cli.command()
+@click.option("--client", required=True, metavar="IP", help="Client address.")
+@click.option("--sender", required=True, metavar="ADDR", help="Envelope sender ('' or <> for null).")
+@click.option("--recipient", required=True, metavar="ADDR", help="Envelope recipient.")
+@click.option("--helo", default="", metavar="NAME", help="HELO name the client gave.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.pass_context
+def explain(ctx, client, sender, recipient, helo, as_json) -> None:
+    """Show what greyd would decide now for one recipient, and why; changes nothing.
+
+    \b
+    Example:
+      greyd explain --client 192.0.2.7 --sender a@example.com --recipient b@localhost
+    """
+    config = load_config(ctx)
+    if sender == "<>":
+        sender = ""
+    try:
+        client = str(policy.client_address(client))
+    except ValueError:
+        raise GreydError(f"--client: not an IP address: {client}") from None
+    request = policy.Request(client, sender, recipient, helo=helo)
+    rules = policy.Rules.from_config(config.relay, config.greylist)
+    now = time.time()
+    with _read_store(config.database.path) as store:
+        verdict = policy.decide(request, rules, store, now)
+        seen = store.seen(verdict.triplet) if verdict.triplet else None
+    report = _explanation(request, verdict, seen)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        click.echo(f"{key + ':':<11} {value if value is not None else '-'}")
+
+
+class _read_store:
+    """The database opened to read, or an empty one when it does not exist yet."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Store:
+        try:
+            if self.path.exists():
+                self.store = Store(self.path)
+            else:
+                self.store = Store(":memory:")
+                self.store.migrate()
+            return self.store
+        except sqlite3.Error as error:
+            raise GreydError(f"database: {self.path}: {error}") from None
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
+        if exc[0] is not None and issubclass(exc[0], sqlite3.Error):
+            raise GreydError(f"database: {self.path}: {exc[1]}") from None
+
+
+def _explanation(request, verdict: policy.Verdict, seen: policy.Seen | None) -> dict:
+    reply = {
+        policy.REJECT: replies.RELAY_DENIED,
+        policy.GREYLIST: replies.greylisted(verdict.retry_in),
+    }.get(verdict.action)
+    triplet = verdict.triplet
+    return {
+        "action": verdict.action,
+        "reason": verdict.reason,
+        "client": request.client,
+        "network": verdict.network,
+        "sender": request.sender or "<>",
+        "recipient": request.recipient,
+        "triplet": None if triplet is None else
+                   f"{triplet.network} {triplet.sender} {triplet.recipient}",
+        "first_seen": _when(seen.first) if seen else None,
+        "last_seen": _when(seen.last) if seen else None,
+        "passed_at": _when(seen.passed) if seen and seen.passed else None,
+        "delayed": verdict.delayed,
+        "retry_in": verdict.retry_in,
+        "reply": f"{reply.code} {reply.text}" if reply else "the upstream MTA's reply to RCPT",
+    }
+
+
+def _when(timestamp: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(timestamp))
+
+
+def main() -> None:
+    """Console entry point: any unforeseen error is still one line, exit 1."""
+    try:
+        cli(prog_name="greyd")
+    except (OSError, sqlite3.Error) as error:
+        click.echo(f"greyd: {error}", err=True)
+        sys.exit(1)

@@ -1,0 +1,85 @@
+"""Detaching from the terminal, and the pidfile.
+
+`detach()` double-forks; the original process waits until the daemon says
+it is serving (or why it could not) and exits with 0 or 1 accordingly, so
+`greyd start` returns only once greyd is listening.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+
+class Pidfile:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self) -> int | None:
+        try:
+            return int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def running(self) -> int | None:
+        """The pid of a live greyd named by the pidfile; None if absent or stale."""
+        pid = self.read()
+        if pid is None or pid == os.getpid():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return pid
+        return pid if b"greyd" in cmdline else None
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.read() == os.getpid():
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+
+def detach() -> Callable[[str], None]:
+    """Become a daemon; returns `notify(error)`: '' means serving, else why not."""
+    read_end, write_end = os.pipe()
+    if os.fork():
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode("utf-8", "replace").strip()
+        if message != "ok":
+            print(f"greyd: {message or 'daemon exited during start'}", file=sys.stderr)
+            os._exit(1)
+        os._exit(0)
+    os.close(read_end)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+    def notify(error: str) -> None:
+        try:
+            os.write(write_end, (error or "ok").encode())
+            os.close(write_end)
+        except OSError:
+            pass
+
+    return notify

@@ -1,0 +1,172 @@
+"""Listening sockets and threads: socketserver glue around `smtp.Session`.
+
+One `Listener` (a ThreadingTCPServer) per listen address, all sharing one
+`Context` and one `Admission` (the connection limits). A thread per client
+runs its Session. `Daemon` binds everything, serves, and stops gracefully:
+no new connections, sessions get up to `grace` seconds to finish, then the
+rest are told 421 4.3.2.
+"""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+from collections import Counter
+
+from . import log, replies
+from .smtp import Context, Session
+
+GRACE = 30.0           # seconds sessions may finish after a stop (SPEC §3)
+REFUSE_TIMEOUT = 2.0   # bound on writing a 421 to a refused connection
+
+
+class Admission:
+    """Counts open sessions, overall and per client address, against the limits."""
+
+    def __init__(self, max_connections: int, per_client: int):
+        self.max_connections, self.per_client = max_connections, per_client
+        self.by_client: Counter[str] = Counter()
+        self.sockets: dict[socket.socket, str] = {}
+        self._cond = threading.Condition()
+
+    def admit(self, sock: socket.socket, client: str) -> replies.Reply | None:
+        """None when the session may start, else the 421 to send."""
+        with self._cond:
+            if len(self.sockets) >= self.max_connections:
+                return replies.TOO_MANY_CONNECTIONS
+            if self.by_client[client] >= self.per_client:
+                return replies.TOO_MANY_FROM_CLIENT
+            self.sockets[sock] = client
+            self.by_client[client] += 1
+            return None
+
+    def release(self, sock: socket.socket) -> None:
+        with self._cond:
+            client = self.sockets.pop(sock, None)
+            if client is not None:
+                self.by_client[client] -= 1
+                if not self.by_client[client]:
+                    del self.by_client[client]
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self.sockets, timeout)
+
+    def interrupt_all(self) -> None:
+        """Make every session's pending read return end-of-file."""
+        with self._cond:
+            for sock in list(self.sockets):
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+
+def peer_ip(address) -> str:
+    host = address[0]
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+class Handler(socketserver.BaseRequestHandler):
+    server: "Listener"
+
+    def handle(self) -> None:
+        sock = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with sock.makefile("rb") as rfile:
+            Session(self.server.ctx, peer_ip(self.client_address), rfile,
+                    sock.sendall, sock.settimeout).run()
+
+
+class Listener(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], ctx: Context, admission: Admission):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.ctx, self.admission = ctx, admission
+        super().__init__(address, Handler, bind_and_activate=False)
+        try:
+            if self.address_family == socket.AF_INET6:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            self.server_bind()
+            self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
+
+    def verify_request(self, request, client_address) -> bool:
+        refusal = self.admission.admit(request, peer_ip(client_address))
+        if refusal is None:
+            return True
+        try:
+            request.settimeout(REFUSE_TIMEOUT)
+            request.sendall(refusal.encode())
+        except OSError:
+            pass
+        self.ctx.logger.warning("connection refused %s", log.fields(
+            client=client_address[0], reason=refusal.text))
+        return False
+
+    def shutdown_request(self, request) -> None:
+        self.admission.release(request)
+        super().shutdown_request(request)
+
+
+class Daemon:
+    """Every listener of one greyd process, started and stopped together."""
+
+    def __init__(self, ctx: Context, grace: float = GRACE):
+        server = ctx.config.server
+        self.ctx, self.grace = ctx, grace
+        self.admission = Admission(server.max_connections, server.max_connections_per_client)
+        self.listeners: list[Listener] = []
+        self._threads: list[threading.Thread] = []
+        try:
+            for address in server.listen:
+                self.listeners.append(Listener(address, ctx, self.admission))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [listener.server_address[:2] for listener in self.listeners]
+
+    def start(self) -> None:
+        for listener in self.listeners:
+            thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.2},
+                                      name=f"listen-{listener.server_address[1]}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.ctx.logger.info("listening %s", log.fields(
+            addresses=",".join(f"{h}:{p}" for h, p in self.addresses)))
+
+    def stop(self) -> None:
+        """Graceful stop (SPEC §3): stop accepting, let sessions finish, 421 the rest."""
+        self.ctx.logger.info("stopping %s", log.fields(sessions=len(self.admission.sockets)))
+        self.ctx.stopping.set()
+        for listener in self.listeners:
+            listener.shutdown()
+        self.close()
+        if not self.admission.wait_idle(self.grace):
+            self.admission.interrupt_all()
+            self.admission.wait_idle(REFUSE_TIMEOUT)
+        self.ctx.pool.close()
+        self.ctx.logger.info("stopped")
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.server_close()
+
+
+def serve_until(daemon: Daemon, event: threading.Event) -> None:
+    """Run until `event` is set (by a signal handler), then stop gracefully."""
+    daemon.start()
+    while not event.wait(1.0):
+        pass
+    daemon.stop()

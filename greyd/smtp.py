@@ -1,0 +1,385 @@
+"""One SMTP session with one client (RFC 5321): the state machine of greyd.
+
+State is data (the HELO name, the open transaction), not numbered states.
+Each command has one `smtp_VERB` method that guards, acts and returns a
+Reply; only `run`, the read loop, writes to the client. The session asks
+the policy for a decision per recipient and relays accepted ones in lockstep
+through its own `Relay`. It knows nothing of threads or listening sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import BinaryIO, Callable
+
+from . import __version__, log, policy, replies
+from .address import PathError, parse
+from .relay import Relay
+from .replies import Reply
+from .store import StorePool
+
+COMMAND_LIMIT = 512              # RFC 5321 4.5.3.1.4, CRLF included
+MAIL_ALLOWANCE = 26 + 15         # RFC 1870 SIZE= and RFC 6152 BODY= (RFC 5321 4.5.3.1.4)
+DATA_CHUNK = 65536
+UNSUPPORTED = {"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "STARTTLS", "AUTH"}
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
+
+
+class StoreHealth:
+    """Logs a store failure once per incident, and the recovery."""
+
+    def __init__(self, logger: logging.Logger):
+        self._logger = logger
+        self._down = False
+        self._lock = threading.Lock()
+
+    def failed(self, error: Exception) -> None:
+        with self._lock:
+            first, self._down = not self._down, True
+        if first:
+            self._logger.error("store failure: %s", log.fields(error=error))
+
+    def ok(self) -> None:
+        if self._down:
+            with self._lock:
+                was, self._down = self._down, False
+            if was:
+                self._logger.warning("store recovered")
+
+
+@dataclass
+class Context:
+    """What every session of one daemon shares: settings, store pool, clock."""
+
+    config: object
+    pool: StorePool
+    clock: Callable[[], float] = time.time
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger(log.LOGGER))
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        self.rules = policy.Rules.from_config(self.config.relay, self.config.greylist)
+        self.store_health = StoreHealth(self.logger)
+
+
+@dataclass
+class Envelope:
+    sender: str
+    size: int | None = None
+    body: str | None = None
+    recipients: list[str] = field(default_factory=list)
+    attempts: int = 0
+    delayed: int = 0
+
+
+class Closed(Exception):
+    """The session is over: the client left, timed out, or was sent away."""
+
+
+class Session:
+    def __init__(self, ctx: Context, client: str, rfile: BinaryIO,
+                 send: Callable[[bytes], None], settimeout: Callable[[float], None]):
+        self.ctx = ctx
+        self.config = ctx.config          # fixed for the whole session (reload-safe)
+        self.client = client
+        self.rfile, self._send, self._settimeout = rfile, send, settimeout
+        self.id = secrets.token_hex(5)
+        self.helo: str | None = None
+        self.esmtp = False
+        self.envelope: Envelope | None = None
+        self.relay: Relay | None = None
+        self.client_name: str | None = None
+        self.errors = 0
+        self.messages = 0
+        self.receiving = False
+        self.done = False
+
+    # -- the read loop -----------------------------------------------------------
+
+    def run(self) -> None:
+        started = time.monotonic()
+        server = self.config.server
+        end = "quit"
+        try:
+            self.send(replies.greeting(server.hostname, server.banner))
+            while not self.done:
+                self._settimeout(server.command_timeout)
+                reply = self.handle(self.read_command())
+                self.send(reply)
+                if self.receiving:
+                    self.receiving = False
+                    self._settimeout(server.data_timeout)
+                    self.send(self.finish_data(self.read_message()))
+        except socket.timeout:
+            end = "timeout"
+            self.send_quietly(replies.TIMEOUT)
+        except Closed as closed:
+            end = str(closed) or "closed"
+            if self.ctx.stopping.is_set() and end == "disconnect":
+                end = "shutdown"
+                self.send_quietly(replies.SHUTTING_DOWN)
+        except OSError:
+            end = "disconnect"
+        finally:
+            if self.relay is not None:
+                self.relay.quit()
+            self.ctx.logger.info("session end %s", log.fields(
+                id=self.id, client=self.client, helo=self.helo, messages=self.messages,
+                errors=self.errors, end=end, seconds=f"{time.monotonic() - started:.3f}"))
+
+    def send(self, reply: Reply) -> None:
+        self._send(reply.encode())
+
+    def send_quietly(self, reply: Reply) -> None:
+        try:
+            self.send(reply)
+        except OSError:
+            pass
+
+    def read_command(self) -> bytes:
+        line = self.rfile.readline(COMMAND_LIMIT + MAIL_ALLOWANCE + 1)
+        if not line:
+            raise Closed("disconnect")
+        if not line.endswith(b"\n"):
+            if len(line) <= COMMAND_LIMIT + MAIL_ALLOWANCE:
+                raise Closed("disconnect")
+            while not self.rfile.readline(DATA_CHUNK).endswith(b"\n"):
+                pass
+            return b""
+        return line
+
+    def handle(self, line: bytes) -> Reply:
+        """The reply to one command line, counting errors toward max_errors."""
+        reply = self._dispatch(line)
+        if replies.is_error(reply):
+            self.errors += 1
+            if self.errors >= self.config.server.max_errors:
+                self.done = True
+                return replies.TOO_MANY_ERRORS
+        return reply
+
+    def _dispatch(self, line: bytes) -> Reply:
+        if not line:
+            return replies.LINE_TOO_LONG
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\0" in line:
+            return replies.BAD_CHARACTERS
+        text = line[:-2].decode("ascii", "surrogateescape")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        limit = COMMAND_LIMIT + (MAIL_ALLOWANCE if verb == "MAIL" else 0)
+        if len(line) > limit:
+            return replies.LINE_TOO_LONG
+        handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        if handler is None:
+            return replies.NOT_IMPLEMENTED if verb in UNSUPPORTED else replies.UNKNOWN_COMMAND
+        try:
+            return handler(arg.strip(" "))
+        except PathError as error:
+            return error.reply
+        except Exception:
+            self.ctx.logger.exception("internal error %s", log.fields(id=self.id, verb=verb))
+            return replies.LOCAL_ERROR
+
+    # -- commands ---------------------------------------------------------------------
+
+    def smtp_HELO(self, arg: str) -> Reply:
+        return self._greet(arg, esmtp=False)
+
+    def smtp_EHLO(self, arg: str) -> Reply:
+        return self._greet(arg, esmtp=True)
+
+    def _greet(self, arg: str, esmtp: bool) -> Reply:
+        if not arg or " " in arg or not arg.isascii() or not arg.isprintable():
+            return replies.NEED_HOSTNAME
+        self.abort_transaction()
+        self.helo, self.esmtp = arg, esmtp
+        server = self.config.server
+        if esmtp:
+            return replies.ehlo(server.hostname, server.max_message_size)
+        return replies.helo(server.hostname)
+
+    def smtp_MAIL(self, arg: str) -> Reply:
+        if self.helo is None:
+            return replies.NEED_HELO
+        if self.envelope is not None:
+            return replies.NESTED_MAIL
+        path = parse(arg, "FROM", null_ok=True, bad=replies.BAD_SENDER)
+        size, body = None, None
+        for key, value in path.params.items():
+            if key == "SIZE" and value and value.isdigit() and len(value) <= 20:
+                size = int(value)
+            elif key == "BODY" and value and value.upper() in ("7BIT", "8BITMIME"):
+                body = value.upper()
+            elif key in ("SIZE", "BODY"):
+                return replies.BAD_PARAMETER
+            else:
+                return replies.UNKNOWN_PARAMETER
+        if size is not None and size > self.config.server.max_message_size:
+            return replies.MESSAGE_TOO_BIG
+        self.envelope = Envelope(path.address, size, body)
+        return replies.SENDER_OK
+
+    def smtp_RCPT(self, arg: str) -> Reply:
+        envelope = self.envelope
+        if envelope is None:
+            return replies.NEED_MAIL
+        path = parse(arg, "TO", null_ok=False, bad=replies.BAD_RECIPIENT)
+        if path.params:
+            return replies.UNKNOWN_PARAMETER
+        if envelope.attempts >= self.config.server.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        envelope.attempts += 1
+        verdict = self.decide(path.address)
+        if verdict.action == policy.REJECT:
+            return replies.RELAY_DENIED
+        if verdict.action == policy.GREYLIST:
+            return replies.greylisted(verdict.retry_in)
+        if verdict.action == policy.TEMPFAIL:
+            return replies.LOCAL_ERROR
+        reply = self.forward_rcpt(envelope, path.address)
+        if reply.ok:
+            envelope.recipients.append(path.address)
+            if verdict.reason == "passed":
+                envelope.delayed = max(envelope.delayed, verdict.delayed)
+        return reply
+
+    def forward_rcpt(self, envelope: Envelope, recipient: str) -> Reply:
+        """Open the upstream transaction if needed, then RCPT in lockstep."""
+        if self.relay is None:
+            upstream = self.config.upstream
+            self.relay = Relay(
+                host=upstream.host, port=upstream.port, timeout=upstream.timeout,
+                local_hostname=self.config.server.hostname, starttls=upstream.starttls,
+                xclient=upstream.xclient, client_addr=self.client,
+                client_name=self.client_name, client_helo=self.helo)
+        if not self.relay.in_transaction:
+            reply = self.relay.mail(envelope.sender, size=envelope.size, body=envelope.body)
+            if not reply.ok:
+                return reply
+        return self.relay.rcpt(recipient)
+
+    def decide(self, recipient: str) -> policy.Verdict:
+        """The policy's verdict for one recipient, recorded and logged."""
+        request = policy.Request(self.client, self.envelope.sender, recipient,
+                                 helo=self.helo or "", client_name=self.client_name)
+        now = self.ctx.clock()
+        try:
+            with self.ctx.pool.connection() as store:
+                verdict = policy.decide(request, self.ctx.rules, store, now)
+                store.record(verdict, now)
+            self.ctx.store_health.ok()
+        except sqlite3.Error as error:
+            self.ctx.store_health.failed(error)
+            verdict = policy.without_store(request, self.ctx.rules,
+                                           self.config.greylist.on_store_error)
+        self.ctx.logger.info("decision %s", log.fields(
+            id=self.id, client=self.client, helo=self.helo, **{"from": request.sender},
+            to=recipient, action=verdict.action, reason=verdict.reason,
+            delay=verdict.delayed, retry_in=verdict.retry_in))
+        return verdict
+
+    def smtp_DATA(self, arg: str) -> Reply:
+        if arg:
+            return replies.NO_ARGUMENT
+        if self.envelope is None:
+            return replies.NEED_MAIL
+        if not self.envelope.recipients:
+            return replies.NEED_RCPT
+        self.receiving = True
+        return replies.START_DATA
+
+    def smtp_RSET(self, arg: str) -> Reply:
+        if arg:
+            return replies.NO_ARGUMENT
+        self.abort_transaction()
+        return replies.RESET
+
+    def smtp_NOOP(self, arg: str) -> Reply:
+        return replies.OK
+
+    def smtp_VRFY(self, arg: str) -> Reply:
+        return replies.VRFY if arg else replies.SYNTAX
+
+    def smtp_HELP(self, arg: str) -> Reply:
+        return replies.HELP
+
+    def smtp_QUIT(self, arg: str) -> Reply:
+        if arg:
+            return replies.NO_ARGUMENT
+        self.done = True
+        return replies.closing(self.config.server.hostname)
+
+    def abort_transaction(self) -> None:
+        self.envelope = None
+        if self.relay is not None and self.relay.in_transaction:
+            self.relay.rset()
+
+    # -- the message --------------------------------------------------------------------
+
+    def read_message(self) -> tuple[bytes, bool]:
+        """The message up to CRLF.CRLF, dot-unstuffed; (data, too_big). RFC 5321 4.5.2."""
+        limit = self.config.server.max_message_size
+        chunks, size, too_big = [], 0, False
+        line_start = True               # the previous chunk ended with CRLF
+        while True:
+            chunk = self.rfile.readline(DATA_CHUNK)
+            if not chunk:
+                raise Closed("disconnect")
+            if line_start:
+                if chunk == b".\r\n":
+                    return b"".join(chunks), too_big
+                if chunk[:1] == b"." and chunk[1:] not in (b"\n", b"\r", b""):
+                    chunk = chunk[1:]
+            line_start = chunk.endswith(b"\r\n")
+            size += len(chunk)
+            if size > limit:
+                too_big = True
+            elif not too_big:
+                chunks.append(chunk)
+
+    def finish_data(self, received: tuple[bytes, bool]) -> Reply:
+        """Relay the message and answer with the upstream's own reply."""
+        message, too_big = received
+        envelope, self.envelope = self.envelope, None
+        if too_big:
+            self.relay.rset()
+            return replies.MESSAGE_TOO_BIG
+        if _BARE_NEWLINE.search(message):
+            if self.config.server.bare_newlines == "reject":
+                self.relay.rset()
+                return replies.BARE_NEWLINE
+            message = _ANY_NEWLINE.sub(b"\r\n", message)
+        if message and not message.endswith(b"\r\n"):
+            message += b"\r\n"
+        reply = self.relay.data(self.trace_headers(envelope) + message)
+        if reply.code == 250:
+            self.messages += 1
+        self.ctx.logger.info("message %s", log.fields(
+            id=self.id, client=self.client, **{"from": envelope.sender},
+            to=",".join(envelope.recipients), size=len(message), status=reply.code,
+            reply=reply.text))
+        return reply
+
+    def trace_headers(self, envelope: Envelope) -> bytes:
+        server = self.config.server
+        date = formatdate(self.ctx.clock(), localtime=True)
+        name = self.client_name or "unknown"
+        protocol = "ESMTP" if self.esmtp else "SMTP"
+        lines = [f"Received: from {self.helo} ({name} [{self.client}])\r\n"
+                 f"\tby {server.hostname} (greyd) with {protocol} id {self.id}"]
+        if len(envelope.recipients) == 1:
+            lines.append(f"\r\n\tfor <{envelope.recipients[0]}>")
+        lines.append(f"; {date}\r\n")
+        if envelope.delayed and self.config.greylist.header:
+            lines.append(f"X-Greylist: delayed {envelope.delayed} seconds by greyd-"
+                         f"{__version__} at {server.hostname}; {date}\r\n")
+        return "".join(lines).encode("utf-8", "replace")

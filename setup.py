@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="greyd",
+    version="0.1.0",
+    description="A greylisting SMTP proxy for small mail hosts",
+    packages=find_packages(include=["greyd", "greyd.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "dnspython>=2.4",
+        "sqlite-utils>=3.35",
+        "click>=8.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2.1",
+            "aiosmtpd>=1.4",
+            "hypothesis>=6",
+        ],
+    },
+    entry_points={"console_scripts": ["greyd = greyd.cli:main"]},
+)

@@ -1,0 +1,142 @@
+"""Shared fixtures: a fake clock, config files, greyd in-process on loopback.
+
+greyd runs on ("127.0.0.1", 0) in threads of the test process; the upstream
+MTA is a real aiosmtpd server (tests/upstream.py). The test client comes from
+127.0.0.1, which the fixtures leave out of relay.clients so that it is
+greylisted like any stranger.
+"""
+
+from __future__ import annotations
+
+import json
+import smtplib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from greyd import config as configuration
+from greyd.server import Daemon
+from greyd.smtp import Context
+from greyd.store import Store, StorePool
+
+from smtpclient import Raw
+from upstream import Upstream
+
+START = 1_700_000_000.0
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = START):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def toml(sections: dict) -> str:
+    """A TOML document from {section: {key: value}} (strings, numbers, bools, lists)."""
+    out = []
+    for section, values in sections.items():
+        out.append(f"[{section}]")
+        out.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+    return "\n".join(out) + "\n"
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    merged = {section: dict(values) for section, values in base.items()}
+    for section, values in overrides.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def base_sections(root: Path, upstream_port: int) -> dict:
+    return {
+        "server": {"listen": ["127.0.0.1:0"], "hostname": "mx.greyd.test",
+                   "command_timeout": 10, "data_timeout": 10,
+                   "pidfile": str(root / "var/greyd.pid")},
+        "upstream": {"host": "127.0.0.1", "port": upstream_port, "timeout": 5},
+        "relay": {"domains": ["localhost", "example.org"], "clients": ["192.0.2.0/24"]},
+        "greylist": {"delay": "5m"},
+        "dns": {"enabled": False},
+        "log": {"file": ""},
+        "database": {"path": str(root / "var/greyd.db")},
+    }
+
+
+def write_config(root: Path, upstream_port: int, **overrides) -> Path:
+    path = root / "etc" / "greyd.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(toml(merge(base_sections(root, upstream_port), overrides)))
+    return path
+
+
+@dataclass
+class Greyd:
+    """greyd serving in this process."""
+
+    daemon: Daemon
+    ctx: Context
+    clock: Clock
+
+    @property
+    def port(self) -> int:
+        return self.daemon.addresses[0][1]
+
+    @property
+    def config(self) -> configuration.Config:
+        return self.ctx.config
+
+    def smtp(self, source: str | None = None) -> smtplib.SMTP:
+        client = smtplib.SMTP("127.0.0.1", self.port, timeout=5,
+                              source_address=(source, 0) if source else None)
+        client.ehlo("client.example.net")
+        return client
+
+    def raw(self, **kwargs) -> Raw:
+        return Raw(self.port, **kwargs)
+
+    def store(self) -> Store:
+        return Store(self.config.database.path)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def upstream():
+    with Upstream() as server:
+        yield server
+
+
+@pytest.fixture
+def start_greyd(tmp_path, clock):
+    """start_greyd(upstream_port, **{section: {key: value}}) -> Greyd, stopped at teardown."""
+    running: list[Daemon] = []
+
+    def start(upstream_port: int, **overrides) -> Greyd:
+        config = configuration.load(write_config(tmp_path, upstream_port, **overrides))
+        pool = StorePool(config.database.path)
+        config.database.path.parent.mkdir(parents=True, exist_ok=True)
+        pool.open()
+        ctx = Context(config, pool, clock=clock)
+        daemon = Daemon(ctx, grace=1)
+        daemon.start()
+        running.append(daemon)
+        return Greyd(daemon, ctx, clock)
+
+    yield start
+    for daemon in running:
+        daemon.stop()
+
+
+@pytest.fixture
+def greyd(start_greyd, upstream) -> Greyd:
+    return start_greyd(upstream.port)
