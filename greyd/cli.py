@@ -104,7 +104,7 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
 
 
 def _listen_text(config: configuration.Config) -> str:
-    return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in config.server.listen)
+    return ", ".join(configuration.format_hostport(h, p) for h, p in config.server.listen)
 
 
 def _report(notify, error: str) -> None:

@@ -15,6 +15,7 @@ import threading
 from collections import Counter
 
 from . import log, replies
+from .config import format_hostport
 from .smtp import Context, Session
 
 GRACE = 30.0           # seconds sessions may finish after a stop (SPEC §3)
@@ -144,7 +145,7 @@ class Daemon:
             thread.start()
             self._threads.append(thread)
         self.ctx.logger.info("listening %s", log.fields(
-            addresses=",".join(f"{h}:{p}" for h, p in self.addresses)))
+            addresses=",".join(format_hostport(h, p) for h, p in self.addresses)))
 
     def stop(self) -> None:
         """Graceful stop (SPEC §3): stop accepting, let sessions finish, 421 the rest."""

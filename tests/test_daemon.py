@@ -1,0 +1,273 @@
+"""The real `greyd` command in a subprocess: start, serve, explain, stop.
+
+These tests run greyd as an administrator would, against a real aiosmtpd
+upstream, with a short (1 s) greylisting delay instead of the real one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+from upstream import Upstream, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+GREYD = shutil.which("greyd", path=os.path.dirname(sys.executable)) or "greyd"
+ROOT = os.geteuid() == 0
+# As root, drop the capabilities that would hide permission errors.
+UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-net_bind_service", "--"]
+
+
+def greyd(*args: str, config: Path | None = None, prefix: list[str] = (), **kwargs):
+    """Run `greyd [-c config] args...` to completion."""
+    command = [*prefix, GREYD, *(["-c", str(config)] if config else []), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, **kwargs)
+
+
+def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1) as sock:
+                sock.settimeout(2)
+                assert sock.recv(100).startswith(b"220 ")
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class Foreground:
+    """`greyd start --foreground` in a subprocess, stopped with SIGTERM at the end."""
+
+    def __init__(self, config: Path, *extra: str):
+        self.proc = subprocess.Popen([GREYD, "-c", str(config), "start", "--foreground", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stderr = ""
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, self.stderr = self.proc.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, self.stderr = self.proc.communicate()
+        return self.proc.returncode
+
+    def __enter__(self) -> "Foreground":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def upstream():
+    with Upstream() as server:
+        yield server
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def config_for(tmp_path: Path, upstream_port: int, port: int, **overrides) -> Path:
+    overrides.setdefault("greylist", {})
+    overrides["greylist"] = {"delay": "1s", **overrides["greylist"]}
+    overrides["server"] = {"listen": [f"127.0.0.1:{port}"], **overrides.get("server", {})}
+    return write_config(tmp_path, upstream_port, **overrides)
+
+
+def deliver(port: int, sender: str, recipient: str, body: bytes = b"") -> tuple:
+    """One transaction; the RCPT reply, and the DATA reply when the RCPT passed."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("mail.example.net")
+        client.mail(sender)
+        rcpt = client.rcpt(recipient)
+        data = client.data(body) if rcpt[0] == 250 else None
+    return rcpt, data
+
+
+def test_the_end_to_end_story(tmp_path, upstream, port):
+    config = config_for(tmp_path, upstream.port, port)
+    body = b"From: alice@example.net\r\nSubject: story\r\n\r\nHello Bob.\r\n"
+    with Foreground(config) as daemon:
+        wait_listening(port)
+        first, _ = deliver(port, "alice@example.net", "bob@localhost", body)
+        early, _ = deliver(port, "alice@example.net", "bob@localhost", body)
+        time.sleep(1.2)  # the test-configured delay is 1 s
+        passed, data = deliver(port, "alice@example.net", "bob@localhost", body)
+        again, data_again = deliver(port, "alice@example.net", "bob@localhost", body)
+        assert daemon.stop() == 0
+
+    assert first[0] == 451 and first[1].startswith(b"4.7.1 Greylisted, please try again in 1 seconds")
+    assert early[0] == 451 and early[1].startswith(b"4.7.1 Greylisted")
+    assert passed == (250, b"2.1.5 OK") and data[0] == 250
+    assert again == (250, b"2.1.5 OK") and data_again[0] == 250
+    delayed, direct = upstream.wait_for(2)
+    assert delayed.rcpt_tos == ["bob@localhost"] and delayed.mail_from == "alice@example.net"
+    head, _, rest = delayed.data.partition(b"X-Greylist: delayed ")
+    assert head.startswith(b"Received: from mail.example.net (unknown [127.0.0.1])")
+    assert re.match(rb"\d+ seconds by greyd-\S+ at mx\.greyd\.test; ", rest)
+    assert delayed.data.endswith(body)
+    assert direct.data.startswith(b"Received: ") and b"X-Greylist" not in direct.data
+    assert direct.data.endswith(body)
+
+    decisions = [line for line in daemon.stderr.splitlines() if " decision " in line]
+    reasons = [re.search(r"reason=(\S+)", line).group(1) for line in decisions]
+    assert reasons == ["new", "too-early", "passed", "known"]
+    for line in decisions:
+        for key in ("client=127.0.0.1", "helo=mail.example.net", "from=alice@example.net",
+                    "to=bob@localhost", "action=", "delay="):
+            assert key in line
+    assert daemon.stderr.count(" session end ") == 5  # four deliveries and the readiness probe
+
+
+def test_sigterm_stops_gracefully_with_exit_0(tmp_path, upstream, port):
+    config = config_for(tmp_path, upstream.port, port)
+    with Foreground(config) as daemon:
+        wait_listening(port)
+        pidfile = tmp_path / "var/greyd.pid"
+        assert int(pidfile.read_text()) == daemon.proc.pid
+        assert daemon.stop() == 0
+    assert not pidfile.exists()
+    assert "stopped" in daemon.stderr
+
+
+def test_serves_ipv4_and_ipv6_with_a_thread_per_client(tmp_path, upstream, port):
+    probe = socket.socket(socket.AF_INET6)
+    try:
+        probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    finally:
+        probe.close()
+    v6 = free_port("::1")
+    config = config_for(tmp_path, upstream.port, port)
+    with Foreground(config, "--listen", f"127.0.0.1:{port}", "--listen", f"[::1]:{v6}") as daemon:
+        wait_listening(port)
+        wait_listening(v6, "::1")
+        base = 3  # the main thread and one accept thread per listen address
+        assert settles(daemon.proc.pid, base)
+        clients = [socket.create_connection(("::1" if i % 2 else "127.0.0.1", v6 if i % 2 else port),
+                                            timeout=5) for i in range(6)]
+        for client in clients:
+            assert client.recv(100).startswith(b"220 mx.greyd.test ESMTP greyd")
+        assert settles(daemon.proc.pid, base + 6)
+        for client in clients:
+            client.close()
+        assert settles(daemon.proc.pid, base)
+        assert daemon.stop() == 0
+
+
+def settles(pid: int, threads: int, timeout: float = 5) -> bool:
+    """True once the process runs exactly `threads` threads."""
+    deadline = time.monotonic() + timeout
+    while len(os.listdir(f"/proc/{pid}/task")) != threads:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_busy_port_is_one_line_and_exit_1(tmp_path, upstream, port):
+    config = config_for(tmp_path, upstream.port, port)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = greyd("start", "--foreground", config=config)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"greyd: cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_permission_denied_on_bind_is_one_line(tmp_path, upstream):
+    config = config_for(tmp_path, upstream.port, 25)
+    result = greyd("start", "--foreground", config=config, prefix=UNPRIVILEGED if ROOT else [])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["greyd: cannot listen on 127.0.0.1:25: Permission denied"]
+
+
+def test_an_unwritable_database_is_one_line(tmp_path, upstream, port):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    config = config_for(tmp_path, upstream.port, port, database={"path": str(locked / "greyd.db")})
+    result = greyd("start", "--foreground", config=config, prefix=UNPRIVILEGED if ROOT else [])
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"greyd: database not writable: {locked}/greyd.db")
+
+
+def test_a_bad_config_stops_the_start_naming_the_key(tmp_path, upstream, port):
+    config = config_for(tmp_path, upstream.port, port, server={"max_conections": 5})
+    result = greyd("start", "--foreground", config=config)
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert "server.max_conections" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_prints_the_effective_settings(tmp_path, upstream, port):
+    config = config_for(tmp_path, upstream.port, port, greylist={"delay": "90s"})
+    result = greyd("check", config=config)
+    assert result.returncode == 0
+    assert f"# config: {config}" in result.stdout
+    assert "delay = 90" in result.stdout
+    assert f'path = "{tmp_path}/var/greyd.db"' in result.stdout
+
+
+def test_the_config_is_found_through_greyd_config(tmp_path, upstream, port):
+    config = config_for(tmp_path, upstream.port, port)
+    env = {**os.environ, "GREYD_CONFIG": str(config)}
+    result = greyd("check", env=env, cwd="/")
+    assert result.returncode == 0 and f"# config: {config}" in result.stdout
+
+
+def test_explain_uses_the_daemons_decision_and_changes_nothing(tmp_path, upstream, port):
+    config = config_for(tmp_path, upstream.port, port, greylist={"delay": "1h"})
+    with Foreground(config) as daemon:
+        wait_listening(port)
+        rcpt, _ = deliver(port, "Carol+news@Example.net", "dave@localhost")
+        assert rcpt[0] == 451
+        assert daemon.stop() == 0
+    database = tmp_path / "var/greyd.db"
+    before = hashlib.sha256(database.read_bytes()).hexdigest()
+
+    result = greyd("explain", "--client", "127.0.0.1", "--sender", "carol+other@example.net",
+                   "--recipient", "dave@localhost", "--json", config=config)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["action"] == "greylist" and report["reason"] == "too-early"
+    assert report["triplet"] == "127.0.0.0/24 carol@example.net dave@localhost"
+    assert 0 < report["retry_in"] <= 3600 and report["first_seen"]
+    assert hashlib.sha256(database.read_bytes()).hexdigest() == before
+
+    denied = greyd("explain", "--client", "198.51.100.4", "--sender", "x@example.net",
+                   "--recipient", "victim@elsewhere.example", config=config)
+    assert denied.returncode == 0
+    assert re.search(r"^action: +reject$", denied.stdout, re.M)
+    assert re.search(r"^reason: +relay-denied$", denied.stdout, re.M)
+
+
+def test_explain_rejects_a_bad_address_in_one_line(tmp_path, upstream, port):
+    config = config_for(tmp_path, upstream.port, port)
+    result = greyd("explain", "--client", "not-an-ip", "--sender", "a@b.example",
+                   "--recipient", "c@localhost", config=config)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["greyd: --client: not an IP address: not-an-ip"]
