@@ -71,6 +71,12 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- schema -------------------------------------------------------------
 
     def migrate(self) -> None:
