@@ -99,7 +99,7 @@ def parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
     if text and not text.startswith(" "):
         raise PathError(replies.BAD_PARAMETER)
-    for word in text.split():
+    for word in filter(None, text.split(" ")):
         key, eq, value = word.partition("=")
         if not _KEYWORD.fullmatch(key) or (eq and not _VALUE.fullmatch(value)):
             raise PathError(replies.BAD_PARAMETER)

@@ -10,6 +10,7 @@ answer and what the store should remember; writing it is the caller's job, so
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol
@@ -191,7 +192,7 @@ def client_address(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
     return address
 
 
-_BATV = re.compile(r"^(?:prvs|msprvs\d*|btv1)=[^=@]*=+")
+_BATV = re.compile(r"^(?:(?:prvs|msprvs\d*)=[^=@]*=|btv1==[^=@]*==)")
 _SRS0 = re.compile(r"^srs0[=+-][^=@]*=[^=@]*=")
 _SRS1 = re.compile(r"^srs1[=+-][^=@]*=([^@]*?)==[^=@]*=[^=@]*=")
 _DIGITS = re.compile(r"[0-9]+")
@@ -207,7 +208,8 @@ def normalize_sender(sender: str) -> str:
     if not sender:
         return "<>"
     address = sender.lower()
-    address = _BATV.sub("", address)
+    while _BATV.match(address):
+        address = _BATV.sub("", address, count=1)
     address = _SRS1.sub(r"srs1=\1==", address)
     address = _SRS0.sub("srs0=", address)
     local, at, domain = address.rpartition("@")
@@ -273,27 +275,32 @@ class Whitelist:
 
     @classmethod
     def build(cls, entries: Iterable[Entry]) -> "Whitelist":
+        """Index the entries; one that cannot be read (bad CIDR or regex) is left out."""
         wl = cls()
         for entry in entries:
-            wl.add(entry)
+            try:
+                wl.add(entry)
+            except (ValueError, re.error):
+                continue
         return wl
 
     def add(self, entry: Entry) -> None:
         value = entry.value
         if entry.kind == "client":
             net = ipaddress.ip_network(value, strict=False)
-            self.networks.setdefault(net.version, {}).setdefault(net.prefixlen, {})[net] = entry
+            _keep(self.networks.setdefault(net.version, {}).setdefault(net.prefixlen, {}),
+                  net, entry)
         elif entry.kind == "hostname":
             if len(value) > 1 and value.startswith("/") and value.endswith("/"):
                 self.patterns.append((re.compile(value[1:-1], re.IGNORECASE), entry))
             elif value.startswith("."):
-                self.suffixes[value.lower()] = entry
+                _keep(self.suffixes, value.lower(), entry)
             else:
-                self.names[value.lower()] = entry
+                _keep(self.names, value.lower(), entry)
         elif entry.kind == "sender":
-            self.senders[value.lower()] = entry
+            _keep(self.senders, value.lower(), entry)
         elif entry.kind == "recipient":
-            self.recipients[value.lower()] = entry
+            _keep(self.recipients, value.lower(), entry)
         else:
             raise ValueError(f"unknown whitelist kind: {entry.kind}")
 
@@ -321,6 +328,17 @@ class Whitelist:
                     yield entry
         yield from _address_candidates(self.senders, request.sender)
         yield from _address_candidates(self.recipients, request.recipient)
+
+
+def _keep(table: dict, key, entry: Entry) -> None:
+    """Index `entry` under `key`; of two spellings of one entry, the longer-lived wins."""
+    other = table.get(key)
+    if other is None or _lifetime(entry) > _lifetime(other):
+        table[key] = entry
+
+
+def _lifetime(entry: Entry) -> float:
+    return math.inf if entry.expires is None else entry.expires
 
 
 def _address_candidates(table: dict[str, Entry], address: str):

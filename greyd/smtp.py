@@ -275,7 +275,7 @@ class Session:
         try:
             with self.ctx.pool.connection() as store:
                 verdict = policy.decide(request, self.ctx.rules, store, now)
-                store.record(verdict, now)
+                store.record(verdict, now, max_age=self.ctx.rules.max_age)
             self.ctx.store_health.ok()
         except sqlite3.Error as error:
             self.ctx.store_health.failed(error)

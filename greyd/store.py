@@ -83,19 +83,30 @@ class Store:
         """Bring the schema up to SCHEMA_VERSION; WAL on. Idempotent."""
         self.db.enable_wal()
         self.conn.execute("PRAGMA synchronous = NORMAL")
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"schema version {version} is newer than this greyd ({SCHEMA_VERSION})")
-        for number in range(version, SCHEMA_VERSION):
-            with self.db.atomic():
+        # IMMEDIATE: two processes opening a new database migrate one after the other.
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"schema version {version} is newer than this greyd ({SCHEMA_VERSION})")
+            for number in range(version, SCHEMA_VERSION):
                 MIGRATIONS[number](self.db)
                 self.conn.execute(f"PRAGMA user_version = {number + 1}")
+        except BaseException:
+            self.conn.rollback()
+            raise
+        self.conn.commit()
 
     def check_writable(self) -> None:
         """Raise sqlite3.Error unless this process can write the database."""
         self.conn.execute("BEGIN IMMEDIATE")
-        self.conn.execute("ROLLBACK")
+        try:
+            # A read-only file still lets BEGIN through; a real write does not.
+            self.conn.execute(
+                "UPDATE meta SET value = value WHERE key = 'whitelist_version'")
+        finally:
+            self.conn.execute("ROLLBACK")
 
     # -- what the decision reads (policy.Facts) ------------------------------
 
@@ -124,17 +135,21 @@ class Store:
 
     # -- what a decision writes ------------------------------------------------
 
-    def record(self, verdict: Verdict, now: float) -> None:
-        """Remember the outcome of one decision, and count it, in one transaction."""
+    def record(self, verdict: Verdict, now: float, *, max_age: int) -> None:
+        """Remember the outcome of one decision, and count it, in one transaction.
+
+        `max_age` is greylist.max_age: an auto-whitelist count older than that
+        starts again from one rather than reviving.
+        """
         now = int(now)
         with self.db.atomic():
-            self._apply(verdict, now)
+            self._apply(verdict, now, max_age)
             self.conn.execute(
                 "INSERT INTO counters (hour, action, reason, count) VALUES (?, ?, ?, 1)"
                 " ON CONFLICT (hour, action, reason) DO UPDATE SET count = count + 1",
                 (now - now % 3600, verdict.action, counter_reason(verdict.reason)))
 
-    def _apply(self, verdict: Verdict, now: int) -> None:
+    def _apply(self, verdict: Verdict, now: int, max_age: int) -> None:
         update, t = verdict.update, verdict.triplet
         key = (t.network, t.sender, t.recipient) if t else ()
         if update in (policy.NEW, policy.RESTART):
@@ -152,22 +167,26 @@ class Store:
             self.conn.execute(
                 "UPDATE triplets SET last_seen = ?, passed_at = coalesce(passed_at, ?)"
                 " WHERE network = ? AND sender = ? AND recipient = ?", (now, now, *key))
-            self._count_delivery(verdict.network, now)
+            self._count_delivery(verdict.network, now, max_age)
         elif update == policy.AUTO:
             self.conn.execute(
                 "UPDATE auto_whitelist SET last_seen = ? WHERE network = ?",
                 (now, verdict.network))
 
-    def _count_delivery(self, network: str, now: int) -> None:
-        """One passed delivery for the auto-whitelist, counted at most hourly."""
+    def _count_delivery(self, network: str, now: int, max_age: int) -> None:
+        """One passed delivery for the auto-whitelist, counted at most hourly;
+        a network unseen for max_age starts over."""
         self.conn.execute(
             "INSERT INTO auto_whitelist (network, count, first_seen, last_seen, last_counted)"
-            " VALUES (?, 1, ?, ?, ?) ON CONFLICT (network) DO UPDATE SET"
-            " count = count + (excluded.last_seen - last_counted >= ?),"
-            " last_counted = CASE WHEN excluded.last_seen - last_counted >= ?"
-            "   THEN excluded.last_seen ELSE last_counted END,"
-            " last_seen = excluded.last_seen",
-            (network, now, now, now, AUTO_COUNT_INTERVAL, AUTO_COUNT_INTERVAL))
+            " VALUES (:network, 1, :now, :now, :now) ON CONFLICT (network) DO UPDATE SET"
+            " count = CASE WHEN :now - last_seen > :max_age THEN 1"
+            "   ELSE count + (:now - last_counted >= :interval) END,"
+            " first_seen = CASE WHEN :now - last_seen > :max_age THEN :now ELSE first_seen END,"
+            " last_counted = CASE WHEN :now - last_seen > :max_age"
+            "   OR :now - last_counted >= :interval THEN :now ELSE last_counted END,"
+            " last_seen = :now",
+            {"network": network, "now": now, "max_age": max_age,
+             "interval": AUTO_COUNT_INTERVAL})
 
     # -- whitelist maintenance -------------------------------------------------
 

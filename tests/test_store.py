@@ -1,0 +1,457 @@
+"""greyd.store: schema and migrations, the queries of a decision, the pool.
+
+Every test has its own SQLite file in tmp_path; other connections to it are
+plain sqlite3 connections, as the cron cleanup or the CLI would hold.
+"""
+
+import ast
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from greyd import policy, store as storage
+from greyd.policy import (
+    ACCEPT, GREYLIST, REJECT, AutoEntry, Request, Rules, Seen, Triplet, Verdict, decide)
+from greyd.store import SCHEMA_VERSION, Store, StorePool, counter_reason
+
+pytestmark = pytest.mark.timeout(30)
+
+T = 1_700_000_000                 # 22:13:20 UTC; its hour starts at T - 800
+HOUR_OF_T = T - T % 3600
+HOUR, DAY = 3600, 86400
+MAX_AGE = 35 * DAY                # greylist.max_age by default
+NET = "198.51.100.0/24"
+TRIPLET = Triplet(NET, "alice@sender.example", "bob@localhost")
+RULES = Rules(relay_clients=())
+
+# The hot-path SELECTs, as store.py sends them.
+SEEN_SQL = ("SELECT first_seen, last_seen, passed_at FROM triplets"
+            " WHERE network = ? AND sender = ? AND recipient = ?")
+AUTO_SQL = "SELECT count, last_seen FROM auto_whitelist WHERE network = ?"
+WHITELIST_VERSION_SQL = "SELECT value FROM meta WHERE key = 'whitelist_version'"
+EARLY_SQL = ("UPDATE triplets SET last_seen = ?"
+             " WHERE network = ? AND sender = ? AND recipient = ?")
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "greyd.db"
+
+
+@pytest.fixture
+def store(path):
+    s = Store(path)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def raw(path) -> sqlite3.Connection:
+    """A separate plain connection to the same file."""
+    return sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+
+
+def verdict(update, action=GREYLIST, reason="new", triplet=TRIPLET, network=NET):
+    return Verdict(action, reason, network, triplet=triplet, update=update)
+
+
+def triplet_row(store, triplet=TRIPLET):
+    return store.conn.execute(
+        "SELECT first_seen, last_seen, passed_at FROM triplets"
+        " WHERE network = ? AND sender = ? AND recipient = ?",
+        (triplet.network, triplet.sender, triplet.recipient)).fetchone()
+
+
+def counters(store):
+    return {(h, a, r): c for h, a, r, c in store.conn.execute(
+        "SELECT hour, action, reason, count FROM counters")}
+
+
+def tables(conn):
+    return {name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+# -- schema ---------------------------------------------------------------------
+
+def test_new_database_is_at_schema_version_in_wal_mode(store, path):
+    conn = raw(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert {"triplets", "whitelist", "auto_whitelist", "counters", "meta"} <= tables(conn)
+    finally:
+        conn.close()
+
+
+def test_busy_timeout_is_set_on_every_store(store):
+    assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+
+
+def test_migrate_twice_is_harmless(store, path):
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    store.add_whitelist("client", "192.0.2.1", now=T)
+    store.migrate()
+    again = Store(path)
+    try:
+        again.migrate()
+        assert again.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert again.seen(TRIPLET) == Seen(T, T, None)
+        assert again.whitelist().match(
+            Request("192.0.2.1", "a@b.example", "c@localhost"), T) == "192.0.2.1"
+    finally:
+        again.close()
+
+
+def test_newer_schema_is_refused(path):
+    conn = raw(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    s = Store(path)
+    try:
+        with pytest.raises(sqlite3.DatabaseError, match="newer"):
+            s.migrate()
+    finally:
+        s.close()
+    with pytest.raises(sqlite3.DatabaseError):
+        StorePool(path).open()
+    conn = raw(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    assert "triplets" not in tables(conn)
+    conn.close()
+
+
+# -- the hot path is index lookups ------------------------------------------------------
+
+def primary_key_indexes(conn, table):
+    return {name for _, name, _, origin, _ in conn.execute(f"PRAGMA index_list({table})")
+            if origin == "pk"}
+
+
+@pytest.mark.parametrize("sql, table, args", [
+    (SEEN_SQL, "triplets", (NET, "a@b", "c@d")),
+    (AUTO_SQL, "auto_whitelist", (NET,)),
+    (WHITELIST_VERSION_SQL, "meta", ()),
+    (EARLY_SQL, "triplets", (T, NET, "a@b", "c@d")),
+])
+def test_hot_path_query_is_a_primary_key_search(store, sql, table, args):
+    plan = [row[3] for row in store.conn.execute("EXPLAIN QUERY PLAN " + sql, args)]
+    assert len(plan) == 1, plan
+    detail = plan[0]
+    assert detail.startswith(f"SEARCH {table} "), detail
+    assert "SCAN" not in detail
+    # WITHOUT ROWID tables say PRIMARY KEY; others name the primary key's own index
+    pk_index = primary_key_indexes(store.conn, table)
+    assert "USING PRIMARY KEY" in detail or any(
+        f"USING INDEX {name} " in detail for name in pk_index), (detail, pk_index)
+
+
+def test_hot_path_sql_is_the_text_store_py_sends():
+    """Keeps the plans above honest: the SQL under test is store.py's own."""
+    tree = ast.parse(Path(storage.__file__).read_text())
+    literals = {node.value for node in ast.walk(tree)
+                if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    for sql in (SEEN_SQL, AUTO_SQL, WHITELIST_VERSION_SQL, EARLY_SQL):
+        assert sql in literals, sql
+
+
+# -- record -----------------------------------------------------------------------
+
+def test_record_new_creates_the_triplet_and_counts(store):
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    assert triplet_row(store) == (T, T, None)
+    assert store.seen(TRIPLET) == Seen(first=T, last=T, passed=None)
+    assert counters(store) == {(HOUR_OF_T, GREYLIST, "new"): 1}
+
+
+def test_record_early_updates_last_seen_only(store):
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    store.record(verdict(policy.EARLY, reason="too-early"), T + 100, max_age=MAX_AGE)
+    assert triplet_row(store) == (T, T + 100, None)
+    assert store.conn.execute("SELECT count(*) FROM auto_whitelist").fetchone()[0] == 0
+
+
+def test_record_pass_sets_passed_at_and_counts_a_delivery(store):
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    store.record(verdict(policy.PASS, ACCEPT, "passed"), T + 300, max_age=MAX_AGE)
+    assert triplet_row(store) == (T, T + 300, T + 300)
+    assert store.auto_entry(NET) == AutoEntry(count=1, last_seen=T + 300)
+    # a later KNOWN keeps passed_at, moves last_seen
+    store.record(verdict(policy.KNOWN, ACCEPT, "known"), T + DAY, max_age=MAX_AGE)
+    assert triplet_row(store) == (T, T + DAY, T + 300)
+    assert store.auto_entry(NET) == AutoEntry(count=2, last_seen=T + DAY)
+
+
+def test_auto_whitelist_counts_at_most_once_an_hour(store):
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    for offset in (300, 600, 300 + HOUR - 1):
+        store.record(verdict(policy.KNOWN, ACCEPT, "known"), T + offset, max_age=MAX_AGE)
+    assert store.auto_entry(NET) == AutoEntry(count=1, last_seen=T + 300 + HOUR - 1)
+    store.record(verdict(policy.KNOWN, ACCEPT, "known"), T + 300 + HOUR, max_age=MAX_AGE)
+    assert store.auto_entry(NET).count == 2
+
+
+def test_record_restart_resets_first_seen_and_clears_passed_at(store):
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    store.record(verdict(policy.PASS, ACCEPT, "passed"), T + 300, max_age=MAX_AGE)
+    store.record(verdict(policy.RESTART, reason="expired-retry"), T + 3 * DAY, max_age=MAX_AGE)
+    assert triplet_row(store) == (T + 3 * DAY, T + 3 * DAY, None)
+
+
+def test_record_new_over_a_forgotten_triplet_starts_it_over(store):
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    store.record(verdict(policy.PASS, ACCEPT, "passed"), T + 300, max_age=MAX_AGE)
+    store.record(verdict(policy.NEW), T + 40 * DAY, max_age=MAX_AGE)
+    assert triplet_row(store) == (T + 40 * DAY, T + 40 * DAY, None)
+    assert store.conn.execute("SELECT count(*) FROM triplets").fetchone()[0] == 1
+
+
+def test_record_auto_refreshes_the_network(store):
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    store.record(verdict(policy.PASS, ACCEPT, "passed"), T + 300, max_age=MAX_AGE)
+    store.record(Verdict(ACCEPT, "auto-whitelist", NET, update=policy.AUTO), T + DAY, max_age=MAX_AGE)
+    assert store.auto_entry(NET) == AutoEntry(count=1, last_seen=T + DAY)
+    assert store.conn.execute("SELECT count(*) FROM triplets").fetchone()[0] == 1
+
+
+def test_counters_per_hour_action_and_reason(store):
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    store.record(verdict(policy.NEW, triplet=Triplet(NET, "x@y", "z@localhost")), T + 10, max_age=MAX_AGE)
+    store.record(Verdict(REJECT, "relay-denied", NET), T + 20, max_age=MAX_AGE)
+    store.record(Verdict(ACCEPT, "whitelist:192.0.2.1", NET), T + 30, max_age=MAX_AGE)
+    store.record(Verdict(ACCEPT, "whitelist:@sender.example", NET), T + 40, max_age=MAX_AGE)
+    store.record(Verdict(ACCEPT, "dnswl:list.dnswl.example", NET), T + 50, max_age=MAX_AGE)
+    store.record(Verdict(REJECT, "relay-denied", NET), T + HOUR, max_age=MAX_AGE)
+    assert counters(store) == {
+        (HOUR_OF_T, GREYLIST, "new"): 2,
+        (HOUR_OF_T, REJECT, "relay-denied"): 1,
+        (HOUR_OF_T, ACCEPT, "whitelist"): 2,
+        (HOUR_OF_T, ACCEPT, "dnswl:list.dnswl.example"): 1,
+        (HOUR_OF_T + HOUR, REJECT, "relay-denied"): 1,
+    }
+
+
+@pytest.mark.parametrize("reason, counted", [
+    ("whitelist:192.0.2.0/24", "whitelist"),
+    ("whitelist:postmaster", "whitelist"),
+    ("new", "new"),
+    ("new,dnsbl:bl.example", "new,dnsbl:bl.example"),
+    ("auto-whitelist", "auto-whitelist"),
+    ("trusted-client", "trusted-client"),
+])
+def test_counter_reason(reason, counted):
+    assert counter_reason(reason) == counted
+
+
+def test_decide_and_record_through_the_store(store):
+    req = Request("198.51.100.7", "Alice@Sender.example", "Bob@localhost")
+    for now, reason in ((T, "new"), (T + 60, "too-early"), (T + 300, "passed"),
+                        (T + DAY, "known")):
+        v = decide(req, RULES, store, now)
+        store.record(v, now, max_age=MAX_AGE)
+        assert v.reason == reason
+    assert store.seen(TRIPLET) == Seen(T, T + DAY, T + 300)
+
+
+# -- concurrency -------------------------------------------------------------------
+
+def test_record_waits_for_another_writer(store, path):
+    other = raw(path)
+    other.execute("BEGIN IMMEDIATE")
+    impatient = sqlite3.connect(str(path), timeout=0)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            impatient.execute("INSERT INTO meta (key, value) VALUES ('probe', 1)")
+    finally:
+        impatient.close()
+    release = threading.Timer(0.3, other.execute, ("COMMIT",))
+    release.start()
+    try:
+        started = time.monotonic()
+        store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+        waited = time.monotonic() - started
+    finally:
+        release.join()
+        other.close()
+    assert waited > 0.1
+    assert store.seen(TRIPLET) == Seen(T, T, None)
+    assert counters(store) == {(HOUR_OF_T, GREYLIST, "new"): 1}
+
+
+# -- injection ------------------------------------------------------------------------
+
+def test_sql_metacharacters_in_a_sender_are_data(store):
+    sender = "x'); DROP TABLE triplets;--@example.com"
+    req = Request("198.51.100.7", sender, "bob@localhost")
+    v = decide(req, RULES, store, T)
+    store.record(v, T, max_age=MAX_AGE)
+    assert v.triplet.sender == "x'); drop table triplets;--@example.com"
+    stored = store.conn.execute("SELECT sender FROM triplets").fetchall()
+    assert stored == [(v.triplet.sender,)]
+    assert store.seen(v.triplet) == Seen(T, T, None)
+    assert decide(req, RULES, store, T + 300).reason == "passed"
+    assert {"triplets", "whitelist", "auto_whitelist", "counters", "meta"} <= tables(store.conn)
+
+
+def test_sql_metacharacters_in_a_whitelist_entry_are_data(store):
+    value = "o'brien\"; DELETE FROM whitelist; --@example.com"
+    comment = "it's \"quoted\"; DROP TABLE meta;--"
+    assert store.add_whitelist("sender", value, comment=comment, now=T) is True
+    assert store.add_whitelist("sender", "plain@example.com", now=T) is True
+    rows = store.conn.execute(
+        "SELECT value, comment FROM whitelist WHERE kind = 'sender' ORDER BY value").fetchall()
+    assert rows == [(value, comment), ("plain@example.com", "")]
+    req = Request("198.51.100.7", value, "bob@localhost")
+    assert store.whitelist().match(req, T) == value
+    assert {"triplets", "whitelist", "auto_whitelist", "counters", "meta"} <= tables(store.conn)
+
+
+# -- whitelist maintenance and its cache ------------------------------------------------
+
+def test_add_whitelist_new_then_existing(store):
+    assert store.add_whitelist("client", "192.0.2.0/24", comment="ours", now=T) is True
+    assert store.add_whitelist("client", "192.0.2.0/24", comment="ours", now=T) is False
+    assert store.add_whitelist("client", "192.0.2.0/24", comment="later",
+                               expires=T + DAY, now=T + 10) is False
+    assert store.conn.execute(
+        "SELECT comment, expires FROM whitelist WHERE kind = 'client'").fetchall() == [
+        ("later", T + DAY)]
+    assert store.add_whitelist("hostname", "192.0.2.0/24", now=T) is True
+
+
+def test_add_whitelist_refuses_an_unknown_kind(store):
+    with pytest.raises(ValueError):
+        store.add_whitelist("helo", "mx.example", now=T)
+    assert store.conn.execute("SELECT count(*) FROM whitelist").fetchone()[0] == 0
+
+
+def test_whitelist_is_cached_until_another_connection_changes_it(store, path):
+    first = store.whitelist()
+    assert store.whitelist() is first
+    req = Request("198.51.100.7", "alice@sender.example", "bob@localhost")
+    assert first.match(req, T) is None
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)            # other tables: cache kept
+    assert store.whitelist() is first
+
+    writer = Store(path)
+    try:
+        assert writer.add_whitelist("sender", "@sender.example", now=T) is True
+    finally:
+        writer.close()
+    second = store.whitelist()
+    assert second is not first
+    assert second.match(req, T) == "@sender.example"
+    assert store.whitelist() is second
+
+
+def test_whitelist_cache_sees_a_removal(store, path):
+    store.add_whitelist("client", NET, now=T)
+    req = Request("198.51.100.7", "a@b.example", "c@localhost")
+    assert store.whitelist().match(req, T) == NET
+    conn = raw(path)
+    conn.execute("DELETE FROM whitelist WHERE kind = 'client'")
+    conn.close()
+    assert store.whitelist().match(req, T) is None
+
+
+# -- the pool ---------------------------------------------------------------------
+
+def test_pool_open_creates_and_migrates(path):
+    pool = StorePool(path)
+    pool.open()
+    try:
+        conn = raw(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+        with pool.connection() as s:
+            s.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+            assert s.seen(TRIPLET) == Seen(T, T, None)
+    finally:
+        pool.close()
+
+
+def test_pool_reuses_its_connection(path):
+    pool = StorePool(path)
+    pool.open()
+    try:
+        with pool.connection() as first:
+            pass
+        with pool.connection() as second:
+            assert second is first
+            assert second.seen(TRIPLET) is None      # still open and usable
+    finally:
+        pool.close()
+
+
+def test_pool_discards_a_connection_after_a_database_error(path):
+    pool = StorePool(path)
+    pool.open()
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            with pool.connection() as broken:
+                broken.conn.execute("SELECT * FROM no_such_table")
+        with pytest.raises(sqlite3.ProgrammingError):
+            broken.conn.execute("SELECT 1")          # it was closed
+        with pool.connection() as fresh:
+            assert fresh is not broken
+            assert fresh.seen(TRIPLET) is None
+    finally:
+        pool.close()
+
+
+def test_pool_keeps_at_most_keep_connections(path):
+    pool = StorePool(path, keep=1)
+    pool.open()
+    try:
+        with pool.connection() as outer:
+            with pool.connection() as inner:
+                assert inner is not outer
+                inner.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+                assert outer.seen(TRIPLET) == Seen(T, T, None)
+        with pool.connection() as again:
+            assert again is inner
+        with pytest.raises(sqlite3.ProgrammingError):
+            outer.conn.execute("SELECT 1")
+    finally:
+        pool.close()
+
+
+def test_pool_close_closes_idle_connections(path):
+    pool = StorePool(path)
+    pool.open()
+    with pool.connection() as s:
+        pass
+    pool.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        s.conn.execute("SELECT 1")
+
+
+def test_check_writable_passes_on_a_writable_database(store):
+    store.check_writable()
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)          # no transaction left open
+    assert not store.conn.in_transaction
+
+
+def test_check_writable_refuses_a_read_only_database(path):
+    pool = StorePool(path)
+    pool.open()
+    pool.close()
+    os.chmod(path, 0o444)
+    # Root writes through 0444; without CAP_DAC_OVERRIDE it cannot, like any user.
+    prefix = ["setpriv", "--bounding-set=-dac_override", "--"] if os.geteuid() == 0 else []
+    probe = ("import sys, sqlite3\n"
+             "from greyd.store import Store, StorePool\n"
+             "s = Store(sys.argv[1])\n"
+             "try:\n    s.check_writable()\nexcept sqlite3.Error as e:\n    print('check:', e)\n"
+             "try:\n    StorePool(sys.argv[1]).open()\nexcept sqlite3.Error as e:\n    print('open:', e)\n")
+    result = subprocess.run([*prefix, sys.executable, "-c", probe, str(path)],
+                            capture_output=True, text=True, timeout=20)
+    assert result.stdout.splitlines() == ["check: attempt to write a readonly database",
+                                          "open: attempt to write a readonly database"], result.stderr
