@@ -7,36 +7,20 @@ never a traceback. Listings take --json for scripts.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import sys
 import threading
 import time
-from pathlib import Path
 
 import click
 
 from . import __version__, config as configuration, log, policy, replies
+from .clitools import GreydError, echo_json, load_config, open_store
 from .daemonize import Pidfile, detach
 from .server import Daemon, serve_until
 from .smtp import Context
-from .store import Store, StorePool
-
-
-class GreydError(click.ClickException):
-    """An error shown as one line: 'greyd: <message>'."""
-
-    def show(self, file=None) -> None:
-        click.echo(f"greyd: {self.format_message()}", err=True)
-
-
-def load_config(ctx: click.Context) -> configuration.Config:
-    try:
-        path = configuration.find(ctx.obj["config"], os.environ, Path.cwd())
-        return configuration.load(path)
-    except configuration.ConfigError as error:
-        raise GreydError(f"config: {error}") from None
+from .store import StorePool
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -155,38 +139,15 @@ def explain(ctx, client, sender, recipient, helo, as_json) -> None:
     request = policy.Request(client, sender, recipient, helo=helo)
     rules = policy.Rules.from_config(config.relay, config.greylist)
     now = time.time()
-    with _read_store(config.database.path) as store:
+    with open_store(config, write=False) as store:
         verdict = policy.decide(request, rules, store, now)
         seen = store.seen(verdict.triplet) if verdict.triplet else None
     report = _explanation(request, verdict, seen)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        echo_json(report)
         return
     for key, value in report.items():
         click.echo(f"{key + ':':<11} {value if value is not None else '-'}")
-
-
-class _read_store:
-    """The database opened to read, or an empty one when it does not exist yet."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> Store:
-        try:
-            if self.path.exists():
-                self.store = Store(self.path)
-            else:
-                self.store = Store(":memory:")
-                self.store.migrate()
-            return self.store
-        except sqlite3.Error as error:
-            raise GreydError(f"database: {self.path}: {error}") from None
-
-    def __exit__(self, *exc) -> None:
-        self.store.close()
-        if exc[0] is not None and issubclass(exc[0], sqlite3.Error):
-            raise GreydError(f"database: {self.path}: {exc[1]}") from None
 
 
 def _explanation(request, verdict: policy.Verdict, seen: policy.Seen | None) -> dict:

@@ -152,9 +152,12 @@ class Session:
         if not line.endswith(b"\n"):
             if len(line) <= COMMAND_LIMIT + MAIL_ALLOWANCE:
                 raise Closed("disconnect")
-            while not self.rfile.readline(DATA_CHUNK).endswith(b"\n"):
-                pass
-            return b""
+            while True:                 # skip the rest of the over-long line
+                rest = self.rfile.readline(DATA_CHUNK)
+                if not rest:
+                    raise Closed("disconnect")
+                if rest.endswith(b"\n"):
+                    return b""
         return line
 
     def handle(self, line: bytes) -> Reply:
@@ -213,6 +216,8 @@ class Session:
         if self.envelope is not None:
             return replies.NESTED_MAIL
         path = parse(arg, "FROM", null_ok=True, bad=replies.BAD_SENDER)
+        if path.params and not self.esmtp:
+            return replies.UNKNOWN_PARAMETER    # parameters need EHLO (RFC 5321 4.1.1.2)
         size, body = None, None
         for key, value in path.params.items():
             if key == "SIZE" and value and value.isdigit() and len(value) <= 20:
@@ -329,7 +334,8 @@ class Session:
         """The message up to CRLF.CRLF, dot-unstuffed; (data, too_big). RFC 5321 4.5.2."""
         limit = self.config.server.max_message_size
         chunks, size, too_big = [], 0, False
-        line_start = True               # the previous chunk ended with CRLF
+        line_start = True               # what came before ended with CRLF
+        after_cr = False                # ... or with CR, if this chunk is the LF
         while True:
             chunk = self.rfile.readline(DATA_CHUNK)
             if not chunk:
@@ -339,7 +345,8 @@ class Session:
                     return b"".join(chunks), too_big
                 if chunk[:1] == b"." and chunk[1:] not in (b"\n", b"\r", b""):
                     chunk = chunk[1:]
-            line_start = chunk.endswith(b"\r\n")
+            line_start = chunk.endswith(b"\r\n") or (chunk == b"\n" and after_cr)
+            after_cr = chunk.endswith(b"\r")
             size += len(chunk)
             if size > limit:
                 too_big = True
