@@ -1,4 +1,6 @@
-"""The `greyd` command (click): start the proxy, check the config, explain a decision.
+"""The `greyd` command (click): the group, `check` and `explain`.
+
+The other commands live in cli_*.py modules, registered at the bottom.
 
 Errors are one line on standard error and exit status 1 (usage errors 2);
 never a traceback. Listings take --json for scripts.
@@ -7,20 +9,14 @@ never a traceback. Listings take --json for scripts.
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
 import sys
-import threading
 import time
 
 import click
 
-from . import __version__, config as configuration, log, policy, replies
+from . import __version__, policy, replies
 from .clitools import GreydError, echo_json, load_config, open_store
-from .daemonize import Pidfile, detach
-from .server import Daemon, serve_until
-from .smtp import Context
-from .store import StorePool
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,69 +27,6 @@ from .store import StorePool
 def cli(ctx: click.Context, config_path: str | None) -> None:
     """greyd: a greylisting SMTP proxy in front of your MTA."""
     ctx.obj = {"config": config_path}
-
-
-@cli.command()
-@click.option("--foreground", is_flag=True, help="Stay attached and log to stderr too.")
-@click.option("--listen", multiple=True, metavar="HOST:PORT",
-              help="Listen here instead of server.listen (repeatable; [::1]:2525 for IPv6).")
-@click.pass_context
-def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None:
-    """Start the proxy; without --foreground, return once it is listening.
-
-    \b
-    Example:
-      greyd start --foreground --listen 127.0.0.1:2525 --listen [::1]:2525
-    """
-    config = load_config(ctx)
-    if listen:
-        try:
-            config = configuration.with_listen(config, listen)
-        except configuration.ConfigError as error:
-            raise GreydError(str(error)) from None
-    pidfile = Pidfile(config.server.pidfile)
-    running = pidfile.running()
-    if running:
-        raise GreydError(f"already running (pid {running}, pidfile {pidfile.path})")
-    try:
-        logger = log.setup(config.log, stderr=foreground)
-    except OSError as error:
-        raise GreydError(f"cannot open log file: {error}") from None
-    pool = StorePool(config.database.path)
-    try:
-        config.database.path.parent.mkdir(parents=True, exist_ok=True)
-        pool.open()
-    except (sqlite3.Error, OSError) as error:
-        raise GreydError(f"database not writable: {config.database.path}: {error}") from None
-    pool.close()                      # reopened lazily after the fork
-    try:
-        daemon = Daemon(Context(config, pool, logger=logger))
-    except OSError as error:
-        raise GreydError(f"cannot listen on {_listen_text(config)}: "
-                         f"{error.strerror or error}") from None
-    notify = None if foreground else detach()
-    try:
-        pidfile.write()
-    except OSError as error:
-        _report(notify, f"cannot write pidfile: {error}")
-        raise GreydError(f"cannot write pidfile: {error}") from None
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    _report(notify, "")
-    try:
-        serve_until(daemon, stop)
-    finally:
-        pidfile.remove()
-
-
-def _listen_text(config: configuration.Config) -> str:
-    return ", ".join(configuration.format_hostport(h, p) for h, p in config.server.listen)
-
-
-def _report(notify, error: str) -> None:
-    if notify is not None:
-        notify(error)
 
 
 @cli.command()
@@ -176,6 +109,14 @@ def _explanation(request, verdict: policy.Verdict, seen: policy.Seen | None) -> 
 
 def _when(timestamp: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(timestamp))
+
+
+# -- command modules: each registers its commands here ------------------------------
+from .cli_daemon import reload, start, status, stop  # noqa: E402
+
+for command in (start, stop, status, reload):
+    cli.add_command(command)
+# (end of command modules)
 
 
 def main() -> None:

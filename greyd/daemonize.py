@@ -8,9 +8,11 @@ it is serving (or why it could not) and exits with 0 or 1 accordingly, so
 from __future__ import annotations
 
 import os
+import pwd
+import stat
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 
 class Pidfile:
@@ -83,3 +85,35 @@ def detach() -> Callable[[str], None]:
             pass
 
     return notify
+
+
+def lookup_user(name: str) -> pwd.struct_passwd | None:
+    """The account to switch to: None unless running as root with a user named.
+
+    Raises KeyError for an unknown user.
+    """
+    if not name:
+        return None
+    account = pwd.getpwnam(name)
+    return account if os.geteuid() == 0 else None
+
+
+def drop_privileges(account: pwd.struct_passwd, paths: Iterable[Path]) -> None:
+    """Hand `paths` to the account, then become it for good (after binding port 25).
+
+    Directories are handed over only when they are not shared (world-writable
+    or sticky, like /tmp), so the daemon can create its -wal/-shm and log
+    files without greyd ever taking over a system directory.
+    """
+    for path in paths:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_mode & (stat.S_ISVTX | stat.S_IWOTH):
+            continue
+        if stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode):
+            os.chown(path, account.pw_uid, account.pw_gid)
+    os.setgroups([])
+    os.setgid(account.pw_gid)
+    os.setuid(account.pw_uid)

@@ -17,6 +17,7 @@ from collections import Counter
 from . import log, replies
 from .config import format_hostport
 from .smtp import Context, Session
+from .store import StorePool
 
 GRACE = 30.0           # seconds sessions may finish after a stop (SPEC §3)
 REFUSE_TIMEOUT = 2.0   # bound on writing a 421 to a refused connection
@@ -164,10 +165,18 @@ class Daemon:
         for listener in self.listeners:
             listener.server_close()
 
-
-def serve_until(daemon: Daemon, event: threading.Event) -> None:
-    """Run until `event` is set (by a signal handler), then stop gracefully."""
-    daemon.start()
-    while not event.wait(1.0):
-        pass
-    daemon.stop()
+    def reconfigure(self, config) -> None:
+        """Serve new sessions with `config`; open sessions keep theirs (SIGHUP)."""
+        old = self.ctx
+        pool = old.pool
+        if config.database.path != old.config.database.path:
+            pool = StorePool(config.database.path)
+        self.ctx = Context(config, pool, clock=old.clock, logger=old.logger,
+                           stopping=old.stopping)
+        for listener in self.listeners:
+            listener.ctx = self.ctx
+        self.admission.max_connections = config.server.max_connections
+        self.admission.per_client = config.server.max_connections_per_client
+        if tuple(config.server.listen) != tuple(old.config.server.listen):
+            self.ctx.logger.warning("reload: new listen addresses take a restart")
+        self.ctx.logger.info("reloaded %s", log.fields(config=config.source or "defaults"))

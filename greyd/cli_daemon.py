@@ -1,0 +1,277 @@
+"""`greyd start | stop | status | reload`: running greyd as a daemon.
+
+start binds, opens the store, drops privileges (server.user) and serves;
+it detaches unless --foreground. stop, status and reload find the running
+daemon through the pidfile of the same config; a state file beside it
+records when it started and where it listens, for `status`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from . import config as configuration, log
+from .clitools import GreydError, echo_json, load_config
+from .daemonize import Pidfile, detach, drop_privileges, lookup_user
+from .server import GRACE, Daemon
+from .smtp import Context
+from .store import StorePool
+
+STOP_WAIT = GRACE + 15.0    # seconds `greyd stop` waits for the exit
+
+
+def state_path(config: configuration.Config) -> Path:
+    return config.server.pidfile.with_suffix(".state")
+
+
+@click.command()
+@click.option("--foreground", is_flag=True, help="Stay attached and log to stderr too.")
+@click.option("--listen", multiple=True, metavar="HOST:PORT",
+              help="Listen here instead of server.listen (repeatable; [::1]:2525 for IPv6).")
+@click.pass_context
+def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None:
+    """Start the proxy; without --foreground, return once it is listening.
+
+    \b
+    Example:
+      greyd start --foreground --listen 127.0.0.1:2525 --listen [::1]:2525
+    """
+    config = _with_listen(load_config(ctx), listen)
+    user = _user(config)
+    pidfile = Pidfile(config.server.pidfile)
+    running = pidfile.running()
+    if running:
+        raise GreydError(f"already running (pid {running}, pidfile {pidfile.path})")
+    try:
+        logger = log.setup(config.log, stderr=foreground)
+    except OSError as error:
+        raise GreydError(f"cannot open log file: {error}") from None
+    pool = _open_pool(config)
+    try:
+        daemon = Daemon(Context(config, pool, logger=logger))
+    except OSError as error:
+        listen_text = ", ".join(configuration.format_hostport(*a) for a in config.server.listen)
+        raise GreydError(f"cannot listen on {listen_text}: {error.strerror or error}") from None
+    notify = None if foreground else detach()
+    try:
+        pidfile.write()
+        _write_state(config, daemon)
+        if user is not None:
+            drop_privileges(user, _owned_paths(config))
+    except OSError as error:
+        if notify:
+            notify(f"cannot start: {error}")
+        raise GreydError(f"cannot start: {error}") from None
+    signals = Signals()
+    if notify:
+        notify("")
+    try:
+        serve(daemon, signals, lambda: _reloaded(ctx, listen, foreground, daemon))
+    finally:
+        pidfile.remove()
+        state_path(config).unlink(missing_ok=True)
+
+
+def _with_listen(config: configuration.Config, listen) -> configuration.Config:
+    try:
+        return configuration.with_listen(config, listen)
+    except configuration.ConfigError as error:
+        raise GreydError(str(error)) from None
+
+
+def _user(config: configuration.Config):
+    """The account to run as, when started as root with server.user set."""
+    try:
+        return lookup_user(config.server.user)
+    except KeyError:
+        raise GreydError(f"server.user: no such user: {config.server.user}") from None
+
+
+def _open_pool(config: configuration.Config) -> StorePool:
+    pool = StorePool(config.database.path)
+    try:
+        config.database.path.parent.mkdir(parents=True, exist_ok=True)
+        pool.open()
+    except (sqlite3.Error, OSError) as error:
+        raise GreydError(f"database not writable: {config.database.path}: {error}") from None
+    pool.close()                      # reopened lazily, after the fork and the privilege drop
+    return pool
+
+
+def _owned_paths(config: configuration.Config) -> list[Path]:
+    """What the unprivileged daemon must still be able to write."""
+    db = config.database.path
+    paths = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), db.parent,
+             config.server.pidfile, config.server.pidfile.parent, state_path(config)]
+    for logfile in (config.log.file, config.log.debug_file):
+        if logfile:
+            paths += [logfile, logfile.parent]
+    return paths
+
+
+def _write_state(config: configuration.Config, daemon: Daemon) -> None:
+    state = {"started": time.time(), "config": str(config.source or ""),
+             "listen": [configuration.format_hostport(*a) for a in daemon.addresses],
+             "database": str(config.database.path)}
+    state_path(config).write_text(json.dumps(state) + "\n")
+
+
+class Signals:
+    """SIGTERM/SIGINT ask for a stop, SIGHUP for a reload; the main thread acts."""
+
+    def __init__(self):
+        self.wake = threading.Event()
+        self.stop = self.reload = False
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, *_):
+        self.stop = True
+        self.wake.set()
+
+    def _on_reload(self, *_):
+        self.reload = True
+        self.wake.set()
+
+
+def serve(daemon: Daemon, signals: Signals, reload) -> None:
+    """Serve until a stop signal; reload on SIGHUP; then stop gracefully."""
+    daemon.start()
+    while not signals.stop:
+        signals.wake.wait()
+        signals.wake.clear()
+        if signals.reload and not signals.stop:
+            signals.reload = False
+            reload()
+    daemon.stop()
+
+
+def _reloaded(ctx: click.Context, listen, foreground: bool, daemon: Daemon) -> None:
+    """SIGHUP: log files reopened, the config re-read for new sessions."""
+    logger = daemon.ctx.logger
+    try:
+        config = _with_listen(load_config(ctx), listen)
+    except GreydError as error:
+        log.setup(daemon.ctx.config.log, stderr=foreground)
+        logger.error("reload failed, keeping the running config %s",
+                     log.fields(error=error.format_message()))
+        return
+    try:
+        log.setup(config.log, stderr=foreground)
+    except OSError as error:
+        log.setup(daemon.ctx.config.log, stderr=foreground)
+        logger.error("reload: cannot open log file %s", log.fields(error=error))
+        return
+    daemon.reconfigure(config)
+
+
+def _find_running(ctx: click.Context) -> tuple[configuration.Config, Pidfile, int | None]:
+    config = load_config(ctx)
+    pidfile = Pidfile(config.server.pidfile)
+    return config, pidfile, pidfile.running()
+
+
+@click.command()
+@click.pass_context
+def stop(ctx: click.Context) -> None:
+    """Stop greyd gracefully (SIGTERM) and wait until it has exited.
+
+    Open sessions get up to 30 seconds to finish, then 421 4.3.2.
+
+    \b
+    Example:
+      greyd stop
+    """
+    _, pidfile, pid = _find_running(ctx)
+    if pid is None:
+        click.echo("greyd is not running")
+        return
+    signal_process(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_WAIT
+    while pidfile.running() == pid:
+        if time.monotonic() > deadline:
+            raise GreydError(f"pid {pid} did not exit within {STOP_WAIT:.0f} seconds")
+        time.sleep(0.05)
+    click.echo(f"greyd stopped (pid {pid})")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Exit 0 with a summary when greyd is running, 3 when it is not.
+
+    \b
+    Example:
+      greyd status && echo up
+    """
+    config, pidfile, pid = _find_running(ctx)
+    if pid is None:
+        if as_json:
+            echo_json({"running": False, "pidfile": str(pidfile.path)})
+        else:
+            click.echo("greyd is not running")
+        ctx.exit(3)
+    try:
+        state = json.loads(state_path(config).read_text())
+    except (OSError, ValueError):
+        state = {}
+    started = state.get("started")
+    report = {"running": True, "pid": pid,
+              "uptime": int(time.time() - started) if started else None,
+              "listen": state.get("listen", []), "config": state.get("config"),
+              "database": state.get("database")}
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(f"greyd is running (pid {pid})")
+    if started:
+        click.echo(f"uptime:   {_duration(report['uptime'])}, since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(started))}")
+    click.echo(f"listen:   {', '.join(report['listen']) or '-'}")
+    click.echo(f"config:   {report['config'] or 'built-in defaults'}")
+    click.echo(f"database: {report['database'] or '-'}")
+
+
+@click.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Re-read the config and reopen log files (SIGHUP); open sessions keep the old config.
+
+    The config is checked first: an invalid one is reported and not sent.
+
+    \b
+    Example:
+      greyd reload
+    """
+    _, _, pid = _find_running(ctx)
+    if pid is None:
+        raise GreydError("not running")
+    signal_process(pid, signal.SIGHUP)
+    click.echo(f"greyd reloading (pid {pid})")
+
+
+def signal_process(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except PermissionError:
+        raise GreydError(f"not allowed to signal pid {pid} (run as its user or root)") from None
+    except ProcessLookupError:
+        raise GreydError(f"pid {pid} is gone") from None
+
+
+def _duration(seconds: int) -> str:
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    return " ".join(parts + [f"{hours}h", f"{minutes}m", f"{seconds}s"])
