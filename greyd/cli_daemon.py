@@ -20,7 +20,7 @@ import click
 
 from . import config as configuration, log
 from .clitools import GreydError, echo_json, load_config
-from .daemonize import Pidfile, detach, drop_privileges, lookup_user
+from .daemonize import Pidfile, alive, detach, drop_privileges, lookup_user
 from .server import GRACE, Daemon
 from .smtp import Context
 from .store import StorePool
@@ -191,13 +191,13 @@ def stop(ctx: click.Context) -> None:
     Example:
       greyd stop
     """
-    _, pidfile, pid = _find_running(ctx)
+    _, _, pid = _find_running(ctx)
     if pid is None:
         click.echo("greyd is not running")
         return
     signal_process(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT
-    while pidfile.running() == pid:
+    while alive(pid):
         if time.monotonic() > deadline:
             raise GreydError(f"pid {pid} did not exit within {STOP_WAIT:.0f} seconds")
         time.sleep(0.05)

@@ -56,6 +56,21 @@ class Pidfile:
                 pass
 
 
+def alive(pid: int) -> bool:
+    """True while the process exists and has not exited (a zombie has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return state not in ("Z", "X")
+
+
 def detach() -> Callable[[str], None]:
     """Become a daemon; returns `notify(error)`: '' means serving, else why not."""
     read_end, write_end = os.pipe()
