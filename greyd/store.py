@@ -13,7 +13,7 @@ import queue
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import sqlite_utils
 
@@ -190,18 +190,85 @@ class Store:
 
     # -- whitelist maintenance -------------------------------------------------
 
-    def add_whitelist(self, kind: str, value: str, comment: str = "",
+    def add_whitelist(self, kind: str, value: str, comment: str | None = None,
                       expires: int | None = None, now: float = 0) -> bool:
-        """Add an entry; False when it was there already (its comment and expiry updated)."""
-        if kind not in WHITELIST_KINDS:
-            raise ValueError(f"unknown whitelist kind: {kind}")
-        existed = self.conn.execute(
-            "SELECT 1 FROM whitelist WHERE kind = ? AND value = ?", (kind, value)).fetchone()
-        with self.db.atomic():
-            self.db["whitelist"].upsert(
-                {"kind": kind, "value": value, "comment": comment,
-                 "added": int(now), "expires": expires}, pk=("kind", "value"))
+        """Add an entry; False when it was there already.
+
+        An existing entry takes the new expiry (None: never), and the new
+        comment when one is given; it keeps its `added` time.
+        """
+        _check_kind(kind)
+        with self._writing():
+            existed = self.conn.execute(
+                "SELECT 1 FROM whitelist WHERE kind = ? AND value = ?",
+                (kind, value)).fetchone()
+            # Only a real change fires the triggers, so a daemon reloads only then.
+            self.conn.execute(
+                "INSERT INTO whitelist (kind, value, comment, added, expires)"
+                " VALUES (:kind, :value, coalesce(:comment, ''), :now, :expires)"
+                " ON CONFLICT (kind, value) DO UPDATE SET"
+                " comment = coalesce(:comment, comment), expires = :expires"
+                " WHERE comment IS NOT coalesce(:comment, comment) OR expires IS NOT :expires",
+                {"kind": kind, "value": value, "comment": comment, "now": int(now),
+                 "expires": expires})
         return existed is None
+
+    def import_whitelist(self, entries: Iterable[tuple[str, str]], comment: str,
+                         now: float) -> list[bool]:
+        """Add many (kind, value) entries in one transaction; for each, whether
+        it was added. A live entry is left as it is; an expired one is renewed."""
+        now = int(now)
+        added = []
+        with self._writing():
+            for kind, value in entries:
+                _check_kind(kind)
+                cursor = self.conn.execute(
+                    "INSERT INTO whitelist (kind, value, comment, added, expires)"
+                    " VALUES (?, ?, ?, ?, NULL) ON CONFLICT (kind, value) DO UPDATE SET"
+                    " comment = excluded.comment, added = excluded.added, expires = NULL"
+                    " WHERE expires IS NOT NULL AND expires <= excluded.added",
+                    (kind, value, comment, now))
+                added.append(cursor.rowcount == 1)
+        return added
+
+    def remove_whitelist(self, kind: str, value: str) -> bool:
+        """Remove an entry; False when there was none."""
+        _check_kind(kind)
+        with self._writing():
+            cursor = self.conn.execute(
+                "DELETE FROM whitelist WHERE kind = ? AND value = ?", (kind, value))
+        return cursor.rowcount == 1
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write transaction that takes the write lock first (waiting up to the
+        busy timeout), so a read inside it cannot go stale and fail with 'locked'."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.rollback()
+            raise
+        self.conn.commit()
+
+    def whitelist_entries(self, kind: str | None = None) -> list[dict]:
+        """Every entry (or every entry of one kind), expired ones included,
+        by kind then value."""
+        sql = "SELECT kind, value, comment, added, expires FROM whitelist"
+        params: tuple = ()
+        if kind is not None:
+            _check_kind(kind)
+            sql += " WHERE kind = ?"
+            params = (kind,)
+        columns = ("kind", "value", "comment", "added", "expires")
+        rows = [dict(zip(columns, row)) for row in self.conn.execute(sql, params)]
+        rank = {k: i for i, k in enumerate(WHITELIST_KINDS)}
+        return sorted(rows, key=lambda row: (rank.get(row["kind"], len(rank)), row["value"]))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in WHITELIST_KINDS:
+        raise ValueError(f"unknown whitelist kind: {kind}")
 
 
 def counter_reason(reason: str) -> str:

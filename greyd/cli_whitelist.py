@@ -1,0 +1,272 @@
+"""`greyd whitelist add | remove | list | import`: the static whitelist (SPEC §3).
+
+Values are checked and normalized by greyd.whitelist, then written to the
+store; a running daemon sees the change at its next RCPT (the store's
+whitelist version moves), so nothing needs a restart or a reload.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import config as configuration, whitelist as entries
+from .clitools import GreydError, echo_json, load_config, open_store
+
+SELECTORS = entries.KINDS
+
+
+def _selector_options(command):
+    """The four mutually exclusive selectors of add and remove."""
+    helps = {
+        "client": ("CIDR", "Client IP address or network (192.0.2.7, 192.0.2.0/24, 2001:db8::/32)."),
+        "hostname": ("PATTERN", "Client's verified reverse name: mx.example.com (exactly), "
+                                ".example.com (it and every name under it) or /regex/."),
+        "sender": ("ADDR", "Envelope sender: user@dom, @dom (whole domain) or user@ (local part)."),
+        "recipient": ("ADDR", "Envelope recipient: user@dom, @dom or user@."),
+    }
+    for name in reversed(SELECTORS):
+        metavar, text = helps[name]
+        command = click.option(f"--{name}", metavar=metavar, help=text)(command)
+    return command
+
+
+def _selected(options: dict) -> tuple[str, str]:
+    """(kind, value normalized) from exactly one selector; else a usage error."""
+    given = [(kind, options[kind]) for kind in SELECTORS if options[kind] is not None]
+    if len(given) != 1:
+        raise click.UsageError(
+            "give exactly one of --client, --hostname, --sender, --recipient")
+    kind, text = given[0]
+    try:
+        return kind, entries.normalize(kind, text)
+    except ValueError as error:
+        raise GreydError(f"--{kind}: {_strip_kind(error, kind)}") from None
+
+
+def _strip_kind(error: ValueError, kind: str) -> str:
+    """The normalizer's message without its own 'client: ' prefix (the option names it)."""
+    message = str(error)
+    for prefix in (f"{kind}: ", "address: "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return message
+
+
+def _shown(kind: str, value: str, given: str) -> str:
+    """'client 192.0.2.0/24', with what the operator typed when it was rewritten."""
+    if given.strip().lower() in (value, value.lower()):
+        return f"{kind} {value}"
+    return f"{kind} {value} (given as {given.strip()})"
+
+
+def _when(timestamp: int | None) -> str:
+    if timestamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(timestamp))
+
+
+@click.group()
+def whitelist() -> None:
+    """The static whitelist: clients, client hostnames, senders, recipients.
+
+    Changes take effect at the next RCPT of a running greyd; no restart.
+
+    \b
+    Examples:
+      greyd whitelist add --client 192.0.2.0/24 --comment "our other office"
+      greyd whitelist add --sender @partner.example --expires 30d
+      greyd whitelist list
+      greyd whitelist import /etc/postgrey/whitelist_clients
+    """
+
+
+@whitelist.command(short_help="Add one entry, or update it.")
+@_selector_options
+@click.option("--comment", metavar="TEXT", help="Why the entry is there (shown by list).")
+@click.option("--expires", metavar="DURATION",
+              help="Stop matching after this long: 3600, 90m, 12h, 7d (default: never).")
+@click.pass_context
+def add(ctx: click.Context, comment: str | None, expires: str | None, **selectors) -> None:
+    """Add one entry; exactly one of --client, --hostname, --sender, --recipient.
+
+    Adding an entry that is already there is not an error: its expiry becomes
+    the one given here (none: never expires), and its comment too when
+    --comment is given.
+
+    \b
+    Examples:
+      greyd whitelist add --client 2001:db8:1::/48 --comment "backup MX"
+      greyd whitelist add --hostname .mail.example.com
+      greyd whitelist add --hostname '/^out-[0-9]+\\.mta\\.example\\.net$/'
+      greyd whitelist add --recipient abuse@ --comment "RFC 2142"
+      greyd whitelist add --sender alice@example.org --expires 7d
+    """
+    kind, value = _selected(selectors)
+    if comment is not None:
+        try:
+            comment = entries.check_comment(comment)
+        except ValueError as error:
+            raise GreydError(f"--{error}") from None
+    now = time.time()
+    until = None
+    if expires is not None:
+        try:
+            seconds = configuration.parse_duration(expires, "--expires")
+        except configuration.ConfigError as error:
+            raise GreydError(str(error)) from None
+        if seconds <= 0:
+            raise GreydError(f"--expires: must be more than 0 seconds, got {expires!r}")
+        until = int(now) + seconds
+    with open_store(load_config(ctx)) as store:
+        added = store.add_whitelist(kind, value, comment=comment, expires=until, now=now)
+    what = _shown(kind, value, selectors[kind])
+    status = "added" if added else "already present, updated"
+    click.echo(f"{status}: {what}" + (f", expires {_when(until)}" if until else ""))
+
+
+@whitelist.command(short_help="Remove one entry.")
+@_selector_options
+@click.pass_context
+def remove(ctx: click.Context, **selectors) -> None:
+    """Remove one entry, given as it was added (it is normalized the same way).
+
+    Removing an entry that is not there exits 1, so that a typo shows;
+    `greyd whitelist list` shows the entries as stored.
+
+    \b
+    Examples:
+      greyd whitelist remove --client 192.0.2.0/24
+      greyd whitelist remove --sender @partner.example
+    """
+    kind, value = _selected(selectors)
+    with open_store(load_config(ctx)) as store:
+        removed = store.remove_whitelist(kind, value)
+    if not removed:
+        raise GreydError(f"not in the whitelist: {_shown(kind, value, selectors[kind])}")
+    click.echo(f"removed: {_shown(kind, value, selectors[kind])}")
+
+
+@whitelist.command(name="list", short_help="List the entries.")
+@click.option("--kind", type=click.Choice(SELECTORS), help="Only entries of this kind.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.pass_context
+def list_(ctx: click.Context, kind: str | None, as_json: bool) -> None:
+    """List the entries: kind, value, expiry, comment.
+
+    Expired entries are listed, marked expired; they no longer match, and
+    `greyd cleanup` deletes them. With --json: a list of objects with kind,
+    value, comment, added and expires (Unix times; expires null: never) and
+    expired (true or false).
+
+    \b
+    Examples:
+      greyd whitelist list --kind client
+      greyd whitelist list --json | jq -r '.[] | select(.expired) | .value'
+    """
+    now = int(time.time())
+    with open_store(load_config(ctx), write=False) as store:
+        rows = store.whitelist_entries(kind)
+    for row in rows:
+        row["expired"] = row["expires"] is not None and row["expires"] <= now
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"no {kind} entries" if kind else "the whitelist is empty")
+        return
+    table = [("KIND", "VALUE", "EXPIRES", "COMMENT")] + [
+        (row["kind"], row["value"],
+         _when(row["expires"]) + (" (expired)" if row["expired"] else ""),
+         row["comment"] or "") for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(3)]
+    for line in table:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths)] + [line[3]]
+        click.echo("  ".join(cells).rstrip())
+
+
+@whitelist.command(name="import", short_help="Import a postgrey whitelist file.")
+@click.argument("file", metavar="FILE")
+@click.option("--kind", type=click.Choice(entries.IMPORT_KINDS), default="client",
+              show_default=True,
+              help="client: postgrey's whitelist_clients; recipient: whitelist_recipients.")
+@click.option("--comment", metavar="TEXT", help="Comment of the new entries "
+              "(default: 'imported from FILE').")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.pass_context
+def import_(ctx: click.Context, file: str, kind: str, comment: str | None,
+            as_json: bool) -> None:
+    """Add the entries of a postgrey whitelist file ('-': standard input).
+
+    \b
+    whitelist_clients: one entry a line, '#' comments;
+      192.0.2.7, 192.0.2.0/24, 2001:db8::/32, 10.1 (= 10.1.0.0/16): clients;
+      example.com: that name and every name under it (.example.com);
+      /^mx[0-9]+\\.example\\.net$/: a pattern for the client's name.
+    whitelist_recipients: user@domain, user@, domain (= @domain);
+      regular expressions are skipped: greyd has none for recipients.
+
+    Entries already there are left as they are; lines that are not entries
+    are skipped, with their number and the reason. Importing a file twice
+    adds nothing the second time. Exits 1 only when FILE cannot be read.
+
+    \b
+    Examples:
+      greyd whitelist import etc/whitelist_clients
+      greyd whitelist import --kind recipient etc/whitelist_recipients
+    """
+    lines = _read_lines(file)
+    if comment is None:
+        comment = f"imported from {'standard input' if file == '-' else file}"
+    try:
+        comment = entries.check_comment(comment)
+    except ValueError as error:
+        raise GreydError(f"--{error}") from None
+    parsed = list(entries.read_postgrey(lines, kind))
+    good = [line for line in parsed if line.reason is None]
+    with open_store(load_config(ctx)) as store:
+        added = store.import_whitelist(((line.kind, line.value) for line in good),
+                                       comment, time.time())
+    report = _import_report(file, parsed, dict(zip((line.number for line in good), added)))
+    if as_json:
+        echo_json(report)
+        return
+    for status, label in (("added", "added"), ("present", "already present")):
+        for item in report[status]:
+            click.echo(f"line {item['line']}: {label}: {item['kind']} {item['value']}")
+    for item in report["skipped"]:
+        click.echo(f"line {item['line']}: skipped: {_printable(item['text'])}: "
+                   f"{item['reason']}")
+    click.echo(f"{'standard input' if file == '-' else file}: {len(report['added'])} added, {len(report['present'])} "
+               f"already present, {len(report['skipped'])} skipped")
+
+
+def _import_report(file: str, parsed: list[entries.Line], added: dict[int, bool]) -> dict:
+    """What an import did, line by line: added, already present, skipped (and why)."""
+    report: dict = {"file": file, "added": [], "present": [], "skipped": []}
+    for line in parsed:
+        if line.reason is not None:
+            report["skipped"].append(
+                {"line": line.number, "text": line.text, "reason": line.reason})
+        else:
+            report["added" if added[line.number] else "present"].append(
+                {"line": line.number, "kind": line.kind, "value": line.value})
+    return report
+
+
+def _read_lines(file: str) -> list[str]:
+    """The lines of FILE ('-': standard input)."""
+    try:
+        data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except OSError as error:
+        raise GreydError(f"cannot read {file}: {error.strerror or error}") from None
+    # Bytes that are not UTF-8 survive as surrogates, which the entry checks refuse.
+    return data.decode("utf-8", "surrogateescape").splitlines()
+
+
+def _printable(text: str) -> str:
+    """A line from a file as it may be shown on a terminal: controls escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)

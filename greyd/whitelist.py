@@ -1,0 +1,217 @@
+"""Static whitelist entries as an operator writes them: checked and normalized.
+
+Owns the spelling of an entry (SPEC §3): a client network, a client hostname
+(exact, `.domain` or `/regex/`), a sender or recipient (`user@dom`, `@dom`,
+`user@`), and the reading of postgrey's `whitelist_clients` and
+`whitelist_recipients` files into such entries. Normalized values are what
+the store keeps and what `policy.Whitelist` matches, so one entry has one
+spelling and adding it twice finds the first.
+
+Pure functions: no I/O, no clock, no store. Every refusal is a ValueError whose
+text is fit for a one-line error message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+KINDS = ("client", "hostname", "sender", "recipient")
+IMPORT_KINDS = ("client", "recipient")    # postgrey's two whitelist files
+
+_LABEL = re.compile(r"[a-z0-9_-]{1,63}", re.ASCII)
+_PARTIAL_IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){0,3}\.?", re.ASCII)
+_LOOKS_LIKE_IP = re.compile(r"[0-9./]+|.*:.*", re.ASCII | re.DOTALL)
+MAX_COMMENT = 500
+
+
+def normalize(kind: str, text: str) -> str:
+    """The stored spelling of a `kind` entry given as `text`; ValueError if invalid."""
+    if kind == "client":
+        return normalize_client(text)
+    if kind == "hostname":
+        return normalize_hostname(text)
+    if kind in ("sender", "recipient"):
+        return normalize_address(text)
+    raise ValueError(f"unknown whitelist kind: {kind!r}")
+
+
+def normalize_client(text: str) -> str:
+    """An IP address or network as 'address/prefix' ('192.0.2.7' -> '192.0.2.7/32').
+
+    Host bits are dropped ('192.0.2.7/24' -> '192.0.2.0/24'); an IPv4-mapped
+    IPv6 network becomes the IPv4 network it covers, as the decision sees
+    such clients as IPv4 (SPEC §5).
+    """
+    value = _plain(text, "client")
+    if "%" in value:
+        raise ValueError(f"client: a zone index (%...) has no place in a network: {value}")
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"client: not an IP address or network: {value}") from None
+    if network.version == 6 and network.prefixlen >= 96 and \
+            network.network_address.ipv4_mapped is not None:
+        network = ipaddress.ip_network(
+            (network.network_address.ipv4_mapped, network.prefixlen - 96))
+    if network.prefixlen == 0:
+        raise ValueError(f"client: {network} would whitelist every IPv{network.version} client")
+    return str(network)
+
+
+def normalize_hostname(text: str) -> str:
+    """'mx.example.com' (that name), '.example.com' (it and every name under it)
+    or '/regex/' (searched in the name, case-insensitively; kept as given)."""
+    value = _plain(text, "hostname")
+    if len(value) > 2 and value.startswith("/") and value.endswith("/"):
+        check_regex(value[1:-1])
+        return value
+    if value.startswith("/") or value.endswith("/"):
+        raise ValueError(f"hostname: a regular expression is written /like this/: {value}")
+    name = value.lower()
+    suffix = name.startswith(".")
+    name = check_domain(name[1:] if suffix else name, "hostname")
+    if suffix and "." not in name:
+        raise ValueError(f"hostname: .{name} is too broad: give at least two labels")
+    return "." + name if suffix else name
+
+
+def normalize_address(text: str) -> str:
+    """'user@dom', '@dom' (the whole domain) or 'user@' (that local part anywhere),
+    lower-cased; '<user@dom>' loses its brackets."""
+    value = _plain(text, "address")
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1]
+    value = value.lower()
+    if value.count("@") != 1:
+        hint = "" if "@" in value else \
+            " (write @domain for a whole domain, user@ for a local part)"
+        raise ValueError(f"address: expected user@domain, @domain or user@: {value}{hint}")
+    local, _, domain = value.partition("@")
+    if not local and not domain:
+        raise ValueError("address: '@' alone names nothing")
+    if local:
+        if len(local) > 64:
+            raise ValueError(f"address: local part longer than 64 characters: {value}")
+        if any(ch in local for ch in '<>()[],;:\\"') or local.startswith(".") \
+                or local.endswith(".") or ".." in local:
+            raise ValueError(f"address: not a plain local part: {value}")
+    if domain:
+        domain = check_domain(domain, "address")
+    return f"{local}@{domain}"
+
+
+def check_domain(name: str, what: str) -> str:
+    """A lower-case DNS name without its final dot; ValueError if it is not one."""
+    name = name[:-1] if name.endswith(".") else name
+    if not name:
+        raise ValueError(f"{what}: empty domain name")
+    if not name.isascii():
+        raise ValueError(f"{what}: not an ASCII name (use the xn-- form): {name}")
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"{what}: not a valid domain name: {name}")
+    if name.rsplit(".", 1)[-1].isdigit():
+        raise ValueError(f"{what}: {name} is an IP address, not a name (use --client)")
+    return name
+
+
+def check_regex(pattern: str) -> None:
+    """ValueError unless `pattern` compiles as greyd will use it (case-insensitive)."""
+    try:
+        re.compile(pattern, re.IGNORECASE)
+    except (re.error, OverflowError, RecursionError) as error:
+        raise ValueError(f"regular expression /{pattern}/ does not compile: {error}") from None
+
+
+def check_comment(text: str) -> str:
+    """A comment fit for a one-line listing."""
+    if not text.isprintable():
+        raise ValueError(f"comment: no control or unprintable characters allowed: {text!r}")
+    if len(text) > MAX_COMMENT:
+        raise ValueError(f"comment: longer than {MAX_COMMENT} characters")
+    return text
+
+
+def _plain(text: str, what: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError(f"{what}: empty value")
+    if any("\udc80" <= ch <= "\udcff" for ch in value):    # undecodable bytes (surrogateescape)
+        raise ValueError(f"{what}: not valid UTF-8: {value!r}")
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError(f"{what}: no spaces or unprintable characters allowed: {value!r}")
+    return value
+
+
+# -- postgrey's whitelist files ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Line:
+    """One entry line of a postgrey whitelist file: the entry it gives, or why not."""
+
+    number: int
+    text: str
+    kind: str | None = None
+    value: str | None = None
+    reason: str | None = None      # set when the line is skipped
+
+
+def read_postgrey(lines: Iterable[str], kind: str = "client") -> Iterator[Line]:
+    """The entry lines of a postgrey `whitelist_clients` (kind 'client') or
+    `whitelist_recipients` (kind 'recipient') file; comments and blank lines left out."""
+    if kind not in IMPORT_KINDS:
+        raise ValueError(f"unknown whitelist file kind: {kind!r}")
+    parse = postgrey_client if kind == "client" else postgrey_recipient
+    for number, raw in enumerate(lines, 1):
+        text = raw.split("#", 1)[0].strip()   # postgrey: s/#.*$//, comments anywhere
+        if not text:
+            continue
+        try:
+            entry_kind, value = parse(text)
+        except ValueError as error:
+            yield Line(number, text, reason=str(error))
+        else:
+            yield Line(number, text, entry_kind, value)
+
+
+def postgrey_client(text: str) -> tuple[str, str]:
+    """(kind, value) for one line of `whitelist_clients`.
+
+    postgrey reads '/regex/' as a pattern for the client's name; digits and
+    dots as an address or its leading octets ('10.1' = 10.1.0.0/16); a CIDR
+    or an IPv6 address as a network; anything else as a name that the
+    client's name ends with, label-wise: 'example.com' covers example.com and
+    every name under it, which greyd writes '.example.com'.
+    """
+    if any(ch.isspace() for ch in text):
+        raise ValueError("more than one word on the line")
+    if text.startswith("/"):
+        return "hostname", normalize_hostname(text)
+    if _PARTIAL_IPV4.fullmatch(text):
+        octets = text.rstrip(".").split(".")
+        network = ".".join(octets + ["0"] * (4 - len(octets))) + f"/{8 * len(octets)}"
+        try:
+            return "client", normalize_client(network)
+        except ValueError:
+            raise ValueError(f"client: not an IP address or network: {text}") from None
+    if _LOOKS_LIKE_IP.fullmatch(text):
+        return "client", normalize_client(text)
+    return "hostname", normalize_hostname(text if text.startswith(".") else "." + text)
+
+
+def postgrey_recipient(text: str) -> tuple[str, str]:
+    """('recipient', value) for one line of `whitelist_recipients`.
+
+    postgrey's 'user@domain', 'user@' and '@domain' are greyd's own forms; a
+    plain 'domain.tld' means the whole domain, '@domain.tld'. greyd has no
+    regular expressions for recipients: such a line is refused.
+    """
+    if any(ch.isspace() for ch in text):
+        raise ValueError("more than one word on the line")
+    if len(text) > 2 and text.startswith("/") and text.endswith("/"):
+        raise ValueError("regular expressions are not supported for recipients")
+    if "@" not in text:
+        text = "@" + text
+    return "recipient", normalize_address(text)
