@@ -36,6 +36,7 @@ def check(ctx: click.Context) -> None:
 
     \b
     Example:
+      greyd check
       greyd -c /etc/greyd/greyd.toml check
     """
     config = load_config(ctx)
@@ -113,10 +114,11 @@ def _when(timestamp: int) -> str:
 
 # -- command modules: each registers its commands here ------------------------------
 from .cli_daemon import reload, start, status, stop  # noqa: E402
+from .cli_maintenance import cleanup, stats, triplets  # noqa: E402
+from .cli_whitelist import whitelist  # noqa: E402
 
-for command in (start, stop, status, reload):
+for command in (start, stop, status, reload, whitelist, triplets, cleanup, stats):
     cli.add_command(command)
-# (end of command modules)
 
 
 def main() -> None:

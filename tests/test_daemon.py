@@ -16,6 +16,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,18 +58,22 @@ class Foreground:
     """`greyd start --foreground` in a subprocess, stopped with SIGTERM at the end."""
 
     def __init__(self, config: Path, *extra: str):
+        # A file, not a pipe: a chatty daemon must never block on a full pipe.
+        self._log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([GREYD, "-c", str(config), "start", "--foreground", *extra],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=self._log, text=True)
         self.stderr = ""
 
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            _, self.stderr = self.proc.communicate(timeout=40)
+            self.proc.wait(timeout=40)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, self.stderr = self.proc.communicate()
+            self.proc.wait()
+        self._log.seek(0)
+        self.stderr = self._log.read()
         return self.proc.returncode
 
     def __enter__(self) -> "Foreground":

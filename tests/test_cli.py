@@ -1,0 +1,89 @@
+"""Conventions every `greyd` command keeps (SPEC §3): help with an example,
+--version, one-line errors with exit 1, usage errors with exit 2, --json as
+one JSON document."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from greyd import __version__
+from greyd.cli import cli
+from test_daemon import greyd
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def commands(group: click.Group = cli, path: tuple[str, ...] = ()):
+    """Every leaf command, as the words that name it."""
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            yield from commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+COMMANDS = list(commands())
+
+
+@pytest.mark.parametrize("words", [w for w, _ in COMMANDS], ids=" ".join)
+def test_every_command_has_help_with_an_example(words):
+    result = CliRunner().invoke(cli, [*words, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output
+    assert f"greyd {' '.join(words)}" in result.output.split("Example", 1)[1]
+
+
+def test_version():
+    result = greyd("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"greyd, version {__version__}"
+
+
+def test_a_usage_error_exits_2():
+    result = greyd("explain", "--client")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+# Commands that need one of several options to be a valid call.
+SELECTORS = {("whitelist", "add"): ["--client", "192.0.2.1"],
+             ("whitelist", "remove"): ["--client", "192.0.2.1"],
+             ("triplets", "delete"): ["--all"]}
+
+
+def required_args(command: click.Command, tmp_path, words=()) -> list[str]:
+    """Plausible values for a command's required options and arguments."""
+    args = list(SELECTORS.get(tuple(words), []))
+    for param in command.params:
+        if isinstance(param, click.Option) and param.required:
+            args += [param.opts[0], "192.0.2.1" if "client" in param.name else "x@y.example"]
+        elif isinstance(param, click.Argument) and param.required:
+            empty = tmp_path / "empty.txt"
+            empty.write_text("")
+            args.append(str(empty))
+    return args
+
+
+def test_a_missing_config_file_is_one_line_for_every_command(tmp_path):
+    missing = tmp_path / "nope.toml"
+    for words, command in COMMANDS:
+        result = greyd(*words, *required_args(command, tmp_path, words), config=missing)
+        assert result.returncode == 1, (words, result.stderr)
+        assert result.stderr.splitlines() == [f"greyd: config: config file not found: {missing}"], words
+
+
+def test_json_output_is_one_document(tmp_path):
+    config = tmp_path / "greyd.toml"
+    config.write_text(f'[database]\npath = "{tmp_path}/greyd.db"\n'
+                      f'[server]\npidfile = "{tmp_path}/greyd.pid"\n[log]\nfile = ""\n')
+    checked = 0
+    for words, command in COMMANDS:
+        if not any(isinstance(p, click.Option) and "--json" in p.opts for p in command.params):
+            continue
+        result = greyd(*words, *required_args(command, tmp_path, words), "--json", config=config)
+        assert result.returncode in (0, 3), (words, result.stderr)   # status: 3 = not running
+        json.loads(result.stdout)
+        checked += 1
+    assert checked >= 2
