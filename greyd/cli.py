@@ -17,6 +17,7 @@ import click
 
 from . import __version__, policy, replies
 from .clitools import GreydError, echo_json, load_config, open_store
+from .dns import Lookup
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,6 +60,9 @@ def check(ctx: click.Context) -> None:
 def explain(ctx, client, sender, recipient, helo, as_json) -> None:
     """Show what greyd would decide now for one recipient, and why; changes nothing.
 
+    Looks the client up in the DNS as the daemon does (verified name, DNSWL,
+    DNSBL), waiting at most dns.timeout.
+
     \b
     Example:
       greyd explain --client 192.0.2.7 --sender a@example.com --recipient b@localhost
@@ -70,7 +74,13 @@ def explain(ctx, client, sender, recipient, helo, as_json) -> None:
         client = str(policy.client_address(client))
     except ValueError:
         raise GreydError(f"--client: not an IP address: {client}") from None
-    request = policy.Request(client, sender, recipient, helo=helo)
+    lookup = Lookup(config.dns)
+    try:
+        facts = lookup.check(client)
+    finally:
+        lookup.close()
+    request = policy.Request(client, sender, recipient, helo=helo, client_name=facts.name,
+                             dnswl=facts.dnswl, dnsbl=facts.dnsbl)
     rules = policy.Rules.from_config(config.relay, config.greylist)
     now = time.time()
     with open_store(config, write=False) as store:
@@ -94,6 +104,9 @@ def _explanation(request, verdict: policy.Verdict, seen: policy.Seen | None) -> 
         "action": verdict.action,
         "reason": verdict.reason,
         "client": request.client,
+        "name": request.client_name,
+        "dnswl": request.dnswl,
+        "dnsbl": request.dnsbl,
         "network": verdict.network,
         "sender": request.sender or "<>",
         "recipient": request.recipient,

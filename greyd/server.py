@@ -159,6 +159,7 @@ class Daemon:
             self.admission.interrupt_all()
             self.admission.wait_idle(REFUSE_TIMEOUT)
         self.ctx.pool.close()
+        self.ctx.lookup.close()
         self.ctx.logger.info("stopped")
 
     def close(self) -> None:
@@ -171,8 +172,11 @@ class Daemon:
         pool = old.pool
         if config.database.path != old.config.database.path:
             pool = StorePool(config.database.path)
+        lookup = old.lookup if config.dns == old.config.dns else None
         self.ctx = Context(config, pool, clock=old.clock, logger=old.logger,
-                           stopping=old.stopping)
+                           stopping=old.stopping, lookup=lookup)
+        if lookup is None:
+            old.lookup.close()    # its sessions' lookups under way still finish
         for listener in self.listeners:
             listener.ctx = self.ctx
         self.admission.max_connections = config.server.max_connections

@@ -5,6 +5,8 @@ Each command has one `smtp_VERB` method that guards, acts and returns a
 Reply; only `run`, the read loop, writes to the client. The session asks
 the policy for a decision per recipient and relays accepted ones in lockstep
 through its own `Relay`. It knows nothing of threads or listening sockets.
+The client's DNS facts (verified name, DNSWL/DNSBL) are looked up while the
+client greets, and collected once, at the first recipient.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import BinaryIO, Callable
 
 from . import __version__, log, policy, replies
 from .address import PathError, parse
+from .dns import ClientDNS, Lookup, Pending
 from .relay import Relay
 from .replies import Reply
 from .store import StorePool
@@ -58,17 +61,24 @@ class StoreHealth:
 
 @dataclass
 class Context:
-    """What every session of one daemon shares: settings, store pool, clock."""
+    """What every session of one daemon shares: settings, store pool, clock, DNS.
+
+    `lookup` is built from config.dns when not given; whoever stops the
+    daemon closes it.
+    """
 
     config: object
     pool: StorePool
     clock: Callable[[], float] = time.time
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger(log.LOGGER))
     stopping: threading.Event = field(default_factory=threading.Event)
+    lookup: Lookup | None = None
 
     def __post_init__(self):
         self.rules = policy.Rules.from_config(self.config.relay, self.config.greylist)
         self.store_health = StoreHealth(self.logger)
+        if self.lookup is None:
+            self.lookup = Lookup(self.config.dns, logger=self.logger)
 
 
 @dataclass
@@ -97,7 +107,9 @@ class Session:
         self.esmtp = False
         self.envelope: Envelope | None = None
         self.relay: Relay | None = None
-        self.client_name: str | None = None
+        self.client_name: str | None = None   # verified (FCrDNS), once DNS is collected
+        self.dns: ClientDNS | None = None
+        self._pending: Pending | None = None
         self.errors = 0
         self.messages = 0
         self.receiving = False
@@ -109,6 +121,7 @@ class Session:
         started = time.monotonic()
         server = self.config.server
         end = "quit"
+        self._pending = self.ctx.lookup.start(self.client)
         try:
             self.send(replies.greeting(server.hostname, server.banner))
             while not self.done:
@@ -132,8 +145,11 @@ class Session:
         finally:
             if self.relay is not None:
                 self.relay.quit()
+            if self.dns is None and self._pending is not None and self._pending.ready():
+                self.client_dns()
             self.ctx.logger.info("session end %s", log.fields(
-                id=self.id, client=self.client, helo=self.helo, messages=self.messages,
+                id=self.id, client=self.client, name=self.client_name or "unknown",
+                helo=self.helo, messages=self.messages,
                 errors=self.errors, end=end, seconds=f"{time.monotonic() - started:.3f}"))
 
     def send(self, reply: Reply) -> None:
@@ -272,10 +288,20 @@ class Session:
                 return reply
         return self.relay.rcpt(recipient)
 
+    def client_dns(self) -> ClientDNS:
+        """The client's DNS facts, collected once per session (waits at most dns.timeout)."""
+        if self.dns is None:
+            pending = self._pending or self.ctx.lookup.start(self.client)
+            self.dns = pending.result()
+            self.client_name = self.dns.name
+        return self.dns
+
     def decide(self, recipient: str) -> policy.Verdict:
         """The policy's verdict for one recipient, recorded and logged."""
+        facts = self.client_dns()
         request = policy.Request(self.client, self.envelope.sender, recipient,
-                                 helo=self.helo or "", client_name=self.client_name)
+                                 helo=self.helo or "", client_name=facts.name,
+                                 dnswl=facts.dnswl, dnsbl=facts.dnsbl)
         now = self.ctx.clock()
         try:
             with self.ctx.pool.connection() as store:
@@ -287,7 +313,8 @@ class Session:
             verdict = policy.without_store(request, self.ctx.rules,
                                            self.config.greylist.on_store_error)
         self.ctx.logger.info("decision %s", log.fields(
-            id=self.id, client=self.client, helo=self.helo, **{"from": request.sender},
+            id=self.id, client=self.client, name=self.client_name or "unknown",
+            helo=self.helo, **{"from": request.sender},
             to=recipient, action=verdict.action, reason=verdict.reason,
             delay=verdict.delayed, retry_in=verdict.retry_in))
         return verdict
