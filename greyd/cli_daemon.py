@@ -72,9 +72,10 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
         raise GreydError(f"cannot start: {error}") from None
     signals = Signals()
     if notify:
-        notify("")
+        listening = ", ".join(configuration.format_hostport(*a) for a in daemon.addresses)
+        notify("", f"greyd started (pid {os.getpid()}), listening on {listening}")
     try:
-        serve(daemon, signals, lambda: _reloaded(ctx, listen, foreground, daemon))
+        serve(daemon, signals, lambda: _reloaded(config, listen, foreground, daemon))
     finally:
         pidfile.remove()
         state_path(config).unlink(missing_ok=True)
@@ -155,15 +156,20 @@ def serve(daemon: Daemon, signals: Signals, reload) -> None:
     daemon.stop()
 
 
-def _reloaded(ctx: click.Context, listen, foreground: bool, daemon: Daemon) -> None:
-    """SIGHUP: log files reopened, the config re-read for new sessions."""
+def _reloaded(first: configuration.Config, listen, foreground: bool, daemon: Daemon) -> None:
+    """SIGHUP: log files reopened, the config re-read for new sessions.
+
+    The file re-read is the one found at start (or the built-in defaults,
+    rooted where greyd started): a detached daemon's working directory is /,
+    so searching again would find another config, or none.
+    """
     logger = daemon.ctx.logger
     try:
-        config = _with_listen(load_config(ctx), listen)
-    except GreydError as error:
+        config = configuration.with_listen(
+            configuration.load(first.source, cwd=first.root), listen)
+    except configuration.ConfigError as error:
         log.setup(daemon.ctx.config.log, stderr=foreground)
-        logger.error("reload failed, keeping the running config %s",
-                     log.fields(error=error.format_message()))
+        logger.error("reload failed, keeping the running config %s", log.fields(error=error))
         return
     try:
         log.setup(config.log, stderr=foreground)

@@ -71,16 +71,24 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def detach() -> Callable[[str], None]:
-    """Become a daemon; returns `notify(error)`: '' means serving, else why not."""
+def detach() -> Callable[[str, str], None]:
+    """Become a daemon; returns `notify(error, started)`.
+
+    An empty `error` means serving: the original process prints `started`
+    and exits 0; otherwise it prints the error and exits 1.
+    """
     read_end, write_end = os.pipe()
     if os.fork():
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
             message = pipe.read().decode("utf-8", "replace").strip()
-        if message != "ok":
+        status, _, text = message.partition(":")
+        if status != "ok":
             print(f"greyd: {message or 'daemon exited during start'}", file=sys.stderr)
             os._exit(1)
+        if text:
+            print(text)
+        sys.stdout.flush()
         os._exit(0)
     os.close(read_end)
     os.setsid()
@@ -92,9 +100,9 @@ def detach() -> Callable[[str], None]:
         os.dup2(devnull, fd)
     os.close(devnull)
 
-    def notify(error: str) -> None:
+    def notify(error: str, started: str = "") -> None:
         try:
-            os.write(write_end, (error or "ok").encode())
+            os.write(write_end, (error or f"ok:{started}").encode())
             os.close(write_end)
         except OSError:
             pass

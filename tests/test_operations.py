@@ -60,6 +60,7 @@ def test_start_detaches_and_stop_status_follow_it(detached, tmp_path, port):
     with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
         assert client.recv(100).startswith(b"220 ")   # listening as soon as start returned
     pid = int((tmp_path / "var/greyd.pid").read_text())
+    assert started.stdout == f"greyd started (pid {pid}), listening on 127.0.0.1:{port}\n"
     assert Path(f"/proc/{pid}").exists()
 
     status = greyd("status", config=detached)
@@ -138,6 +139,26 @@ def test_reload_rereads_the_config_for_new_sessions_only(tmp_path, upstream, por
         assert daemon.proc.poll() is None
         assert daemon.stop() == 0
     assert "reloaded" in daemon.stderr
+
+
+def test_a_detached_daemon_reloads_the_config_it_found_at_start(tmp_path, upstream, port):
+    """Found as ./etc/greyd.toml, not named with -c: the detached daemon runs in /."""
+    config = config_for(tmp_path, upstream.port, port, greylist={"delay": "1h"},
+                        log={"file": "var/log/greyd.log"})
+    run = dict(cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "GREYD_CONFIG"})
+    assert greyd("start", **run).returncode == 0
+    try:
+        assert deliver(port, "a@example.net", "b@new.example")[0][0] == 550
+        config.write_text(config.read_text().replace(
+            'domains = ["localhost", "example.org"]', 'domains = ["new.example"]'))
+        assert greyd("reload", **run).returncode == 0
+        deadline = time.monotonic() + 10
+        while deliver(port, "a@example.net", "b@new.example")[0][0] != 451:
+            assert time.monotonic() < deadline, "reload did not take effect"
+            time.sleep(0.1)
+    finally:
+        assert greyd("stop", **run).returncode == 0
+    assert "reloaded config=" + str(config) in (tmp_path / "var/log/greyd.log").read_text()
 
 
 def test_reload_reopens_the_log_file(detached, tmp_path, port):
