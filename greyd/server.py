@@ -9,9 +9,11 @@ rest are told 421 4.3.2.
 
 from __future__ import annotations
 
+import io
 import socket
 import socketserver
 import threading
+import time
 from collections import Counter
 
 from . import log, replies
@@ -21,6 +23,7 @@ from .store import StorePool
 
 GRACE = 30.0           # seconds sessions may finish after a stop (SPEC §3)
 REFUSE_TIMEOUT = 2.0   # bound on writing a 421 to a refused connection
+READ_BUFFER = 16384
 
 
 class Admission:
@@ -71,15 +74,48 @@ def peer_ip(address) -> str:
     return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
+class Connection(io.RawIOBase):
+    """A client socket whose reads share one deadline.
+
+    `expect(seconds)` starts the clock for what the session reads next (a
+    command line, a line of the message): it must arrive whole within that
+    time, not merely byte by byte, so a client that dribbles one byte at a
+    time cannot hold its thread forever (RFC 5321 4.5.3.2). The C
+    BufferedReader above it still does the line splitting.
+    """
+
+    def __init__(self, sock: socket.socket, send_timeout: float):
+        self.sock, self.send_timeout = sock, send_timeout
+        self.deadline = time.monotonic() + send_timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def expect(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("deadline passed")
+        self.sock.settimeout(remaining)
+        return self.sock.recv_into(buffer)
+
+    def send(self, data: bytes) -> None:
+        self.sock.settimeout(self.send_timeout)
+        self.sock.sendall(data)
+
+
 class Handler(socketserver.BaseRequestHandler):
     server: "Listener"
 
     def handle(self) -> None:
         sock = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with sock.makefile("rb") as rfile:
-            Session(self.server.ctx, peer_ip(self.client_address), rfile,
-                    sock.sendall, sock.settimeout).run()
+        ctx = self.server.ctx
+        conn = Connection(sock, ctx.config.server.command_timeout)
+        with io.BufferedReader(conn, READ_BUFFER) as rfile:
+            Session(ctx, peer_ip(self.client_address), rfile, conn.send, conn.expect).run()
 
 
 class Listener(socketserver.ThreadingTCPServer):

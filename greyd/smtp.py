@@ -97,11 +97,12 @@ class Closed(Exception):
 
 class Session:
     def __init__(self, ctx: Context, client: str, rfile: BinaryIO,
-                 send: Callable[[bytes], None], settimeout: Callable[[float], None]):
+                 send: Callable[[bytes], None], expect: Callable[[float], None]):
         self.ctx = ctx
         self.config = ctx.config          # fixed for the whole session (reload-safe)
         self.client = client
-        self.rfile, self._send, self._settimeout = rfile, send, settimeout
+        # expect(seconds): what is read next must arrive whole within that time.
+        self.rfile, self._send, self._expect = rfile, send, expect
         self.id = secrets.token_hex(5)
         self.helo: str | None = None
         self.esmtp = False
@@ -125,12 +126,11 @@ class Session:
         try:
             self.send(replies.greeting(server.hostname, server.banner))
             while not self.done:
-                self._settimeout(server.command_timeout)
+                self._expect(server.command_timeout)        # the whole command line
                 reply = self.handle(self.read_command())
                 self.send(reply)
                 if self.receiving:
                     self.receiving = False
-                    self._settimeout(server.data_timeout)
                     self.send(self.finish_data(self.read_message()))
         except socket.timeout:
             end = "timeout"
@@ -364,6 +364,7 @@ class Session:
         line_start = True               # what came before ended with CRLF
         after_cr = False                # ... or with CR, if this chunk is the LF
         while True:
+            self._expect(self.config.server.data_timeout)    # per line of the message
             chunk = self.rfile.readline(DATA_CHUNK)
             if not chunk:
                 raise Closed("disconnect")
