@@ -3,7 +3,10 @@
 Pure functions: text in, a `Path` or a `PathError` naming the reply out.
 Only ASCII is accepted (greyd does not offer SMTPUTF8). A source route
 (`<@a,@b:user@c>`) is accepted and dropped, as RFC 5321 4.1.1.3 allows, so
-it never reaches the upstream.
+it never reaches the upstream. An RFC 2047 encoded-word (`=?cs?Q?...?=`) is
+refused: it must not appear in an addr-spec (RFC 2047 5), and an upstream
+that decodes it anyway (Python's email parser does) would read routing
+characters or CR/LF that the relay check never saw.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ _MAILBOX = re.compile(rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})")
 _ROUTE = re.compile(rf"@(?:{_DOMAIN}|{_LITERAL})(?:,@(?:{_DOMAIN}|{_LITERAL}))*:")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
+_ENCODED_WORD = re.compile(r"=\?[^?]*\?[^?]*\?[^?]*\?=")   # RFC 2047 2
 
 MAX_LOCAL = 64     # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255   # RFC 5321 4.5.3.1.2
@@ -86,7 +90,7 @@ def _mailbox(inner: str, *, null_ok: bool, bad: Reply) -> str:
         inner = inner[route.end():]
     if not null_ok and inner.lower() == "postmaster":
         return inner
-    if not _MAILBOX.fullmatch(inner):
+    if not _MAILBOX.fullmatch(inner) or _ENCODED_WORD.search(inner):
         raise PathError(bad)
     local, _, domain = inner.rpartition("@")
     if len(local) > MAX_LOCAL or len(domain) > MAX_DOMAIN:

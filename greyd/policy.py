@@ -148,11 +148,14 @@ def relay_check(request: Request, rules: Rules, network: str) -> Verdict | None:
 
 
 def without_store(request: Request, rules: Rules, on_store_error: str) -> Verdict:
-    """The verdict when the store has failed: the relay check still holds."""
+    """The verdict when the store has failed: the relay check still holds, and
+    the bare postmaster is still accepted (RFC 5321 4.5.1)."""
     network = client_network(request.client, rules.ipv4_prefix, rules.ipv6_prefix)
     verdict = relay_check(request, rules, network)
     if verdict is not None:
         return verdict
+    if request.recipient.lower() == "postmaster":
+        return Verdict(ACCEPT, "whitelist:postmaster", network)
     action = ACCEPT if on_store_error == "accept" else TEMPFAIL
     return Verdict(action, "store-error", network)
 
@@ -231,7 +234,11 @@ def relay_allowed(recipient: str, domains: Iterable[str]) -> bool:
     The bare `postmaster` always may. Otherwise the domain must be relayed,
     and the local part must not carry routing of its own ('%', '!', '@' or
     ':'), which an MTA behind us might honour and so become an open relay.
+    Only ASCII compares: a Unicode look-alike could lower-case into a relayed
+    domain that the upstream does not see.
     """
+    if not recipient.isascii():
+        return False        # no SMTPUTF8; and str.lower() folds KELVIN SIGN into "k"
     if recipient.lower() == "postmaster":
         return True
     local, at, domain = recipient.rpartition("@")

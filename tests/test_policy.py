@@ -638,3 +638,9 @@ def test_rules_from_a_config_file(tmp_path):
     assert r.relay_domains == ("example.org", ".example.net")
     assert r.relay_clients == (ipaddress.ip_network("192.0.2.0/24"),)
     assert relay_allowed("u@EXAMPLE.org", r.relay_domains)
+
+
+@pytest.mark.parametrize("on_store_error", ["accept", "tempfail"])
+def test_without_store_still_accepts_the_bare_postmaster(on_store_error):
+    verdict = without_store(request(recipient="Postmaster"), RULES, on_store_error)
+    assert (verdict.action, verdict.reason) == (ACCEPT, "whitelist:postmaster")
