@@ -4,8 +4,11 @@ A Relay opens the connection to the real MTA when the first recipient passes
 policy (EHLO, optional STARTTLS, XCLIENT), then forwards MAIL, each RCPT and
 DATA in lockstep and hands back the upstream's own replies. It never raises:
 any failure of the upstream becomes a 451 4.4.x reply and drops the
-connection, so the client keeps the mail and retries. It knows nothing of
-policy, the store, or the client's socket.
+connection, so the client keeps the mail and retries. A transaction the
+upstream lost stays lost until the client ends it (DATA, RSET): its later
+recipients get 451 4.4.1 as well, never a fresh upstream transaction that
+would carry the message without the recipients accepted before. It knows
+nothing of policy, the store, or the client's socket.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import smtplib
 import ssl
 
 from greyd import replies
+from greyd.log import fields
 from greyd.replies import Reply
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,10 @@ class Relay:
         return replies.UPSTREAM_AT_RCPT if reply is None else reply
 
     def rcpt(self, recipient: str) -> Reply:
-        """Forward one RCPT; the upstream's reply is the client's reply."""
+        """Forward one RCPT; the upstream's reply is the client's reply.
+
+        After an upstream failure in this transaction, 451 4.4.1 without asking.
+        """
         if not self.in_transaction or self._smtp is None:
             return replies.UPSTREAM_AT_RCPT
         try:
@@ -65,14 +72,19 @@ class Relay:
 
     def data(self, message: bytes) -> Reply:
         """Send the message (CRLF lines, not dot-stuffed); the upstream's answer."""
-        if not self.in_transaction or self._smtp is None:
+        started, self.in_transaction = self.in_transaction, False
+        if not started or self._smtp is None:
             return replies.UPSTREAM_AT_DATA
-        self.in_transaction = False
         try:
             # smtplib dot-stuffs bytes and appends CRLF "." CRLF; line ends are kept.
             code, text = self._smtp.data(message)
         except smtplib.SMTPDataError as refused:
+            # DATA itself answered other than 354 (RFC 5321 4.3.2): only a 4xx or
+            # 5xx is a refusal to pass on; a 2xx there is no acceptance of a
+            # message the upstream has not even seen.
             code, text = refused.smtp_code, refused.smtp_error
+            if code // 100 not in (4, 5):
+                return self._fail("data", f"reply {code} to DATA", replies.UPSTREAM_AT_DATA)
             if code != 421:
                 self._end_upstream_transaction()
         except OSError as error:
@@ -83,7 +95,8 @@ class Relay:
         """Mirror RSET when a transaction is open; a failure just drops the connection."""
         if self.in_transaction:
             self.in_transaction = False
-            self._end_upstream_transaction()
+            if self._smtp is not None:
+                self._end_upstream_transaction()
 
     def quit(self) -> None:
         """Say QUIT if connected, then close; never raises."""
@@ -166,9 +179,9 @@ class Relay:
         return Reply.from_upstream(code, text)
 
     def _fail(self, step: str, error: object, failure: Reply | None) -> Reply | None:
-        log.warning("action=upstream_failed step=%s upstream=%s:%s error=%r",
-                    step, self.host, self.port, str(error))
-        self.in_transaction = False
+        """Drop the connection; an open transaction stays open, and lost, until ended."""
+        log.warning("upstream failed %s", fields(
+            step=step, upstream=f"{self.host}:{self.port}", error=str(error)))
         self._close()
         return failure
 

@@ -9,15 +9,18 @@ transaction. It knows nothing of SMTP; `Store` implements `policy.Facts`.
 
 from __future__ import annotations
 
-import queue
+import logging
+import os
 import sqlite3
+import threading
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import sqlite_utils
 
-from . import policy
+from . import log, policy
 from .policy import AutoEntry, Entry, Seen, Triplet, Verdict
 
 BUSY_TIMEOUT = 5.0          # seconds a writer waits for another (cron, CLI)
@@ -71,6 +74,20 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    def retire(self) -> None:
+        """Close a connection whose file has left the path (removed, replaced).
+
+        SQLite keeps the -wal and -shm of a moved file at the path on close,
+        and would replay that WAL into whatever database comes there next: so
+        first checkpoint it into the old file and truncate it, without waiting.
+        """
+        try:
+            self.conn.execute("PRAGMA busy_timeout = 0")
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            pass
+        self.close()
+
     def __enter__(self) -> "Store":
         return self
 
@@ -78,6 +95,12 @@ class Store:
         self.close()
 
     # -- schema -------------------------------------------------------------
+
+    def is_current(self) -> bool:
+        """At the schema version and in WAL mode: nothing for migrate() to do."""
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        mode = self.conn.execute("PRAGMA journal_mode").fetchone()[0]
+        return version == SCHEMA_VERSION and mode == "wal"
 
     def migrate(self) -> None:
         """Bring the schema up to SCHEMA_VERSION; WAL on. Idempotent."""
@@ -276,17 +299,38 @@ def counter_reason(reason: str) -> str:
     return "whitelist" if reason.startswith("whitelist:") else reason
 
 
+def file_state(path: Path) -> tuple | None:
+    """What a connection to `path` depends on: the file (device, inode) and
+    who may write it (mode, owner); None when there is no file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise sqlite3.OperationalError(f"cannot stat {path}: {error.strerror}") from None
+    return st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid
+
+
 class StorePool:
     """A few open Store connections shared by the sessions of one process.
 
     Opening an SQLite connection costs more than a whole decision, so
-    sessions borrow one per decision and give it back.
+    sessions borrow one per decision and give it back. A connection keeps the
+    file it opened whatever becomes of the path, so each borrow looks at the
+    path (one stat): when the file was removed, replaced, or made read-only
+    or writable again, the connections to the old one are retired, none is
+    opened to the new one until all are back, and then the file now there is
+    opened; a missing one is created with the schema, as at start.
     """
 
     def __init__(self, path: Path | str, keep: int = 8):
         self.path = Path(path)
-        self._idle: queue.LifoQueue[Store] = queue.LifoQueue()
         self._keep = keep
+        self._idle: list[Store] = []            # all of the current generation
+        self._lent: Counter[int] = Counter()   # borrowed connections by generation
+        self._generation = 0                    # counts the files seen at the path
+        self._file: tuple | None | object = _UNSEEN
+        self._cond = threading.Condition()
 
     def open(self) -> None:
         """Create or migrate the database and check it is writable."""
@@ -297,14 +341,13 @@ class StorePool:
         except BaseException:
             store.close()
             raise
-        self._idle.put(store)
+        with self._cond:
+            self._look(file_state(self.path))
+            self._idle.append(store)
 
     @contextmanager
     def connection(self) -> Iterator[Store]:
-        try:
-            store = self._idle.get_nowait()
-        except queue.Empty:
-            store = Store(self.path)
+        store, generation = self._borrow()
         healthy = True
         try:
             yield store
@@ -312,14 +355,85 @@ class StorePool:
             healthy = False
             raise
         finally:
-            if healthy and self._idle.qsize() < self._keep:
-                self._idle.put(store)
+            self._give_back(store, generation, healthy)
+
+    def _borrow(self) -> tuple[Store, int]:
+        with self._cond:
+            self._look(file_state(self.path))
+            generation = self._generation
+            self._lent[generation] += 1
+            if self._idle:
+                return self._idle.pop(), generation
+            # Two files at one path must never be open at once: they would share
+            # the -wal and -shm, and corrupt each other.
+            if not self._cond.wait_for(lambda: not self._lent_before(generation),
+                                       BUSY_TIMEOUT):
+                self._returned(generation)
+                raise sqlite3.OperationalError(
+                    f"{self.path} changed while connections to the old file were in use")
+        try:
+            return self._open(), generation
+        except BaseException:
+            with self._cond:
+                self._returned(generation)
+            raise
+
+    def _open(self) -> Store:
+        """A new connection; a file new to greyd (created empty, or put there by
+        an administrator) is migrated first: the schema, WAL."""
+        store = Store(self.path)
+        try:
+            if not store.is_current():
+                store.migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _look(self, state) -> None:
+        """A new generation when the file at the path is not the one seen last.
+
+        The change is logged, except a file appearing where there was none: a
+        database greyd has just created, or one brought back for it.
+        """
+        if state == self._file:
+            return
+        if self._file is not _UNSEEN and self._file is not None:
+            change = ("removed" if state is None else
+                      "replaced" if self._file[:2] != state[:2] else "permissions")
+            _log.warning("store file changed %s", log.fields(
+                path=self.path, change=change, then="create" if state is None else "reopen"))
+        self._file = state
+        self._generation += 1
+        while self._idle:
+            self._idle.pop().retire()
+
+    def _lent_before(self, generation: int) -> bool:
+        return any(g < generation for g in self._lent)
+
+    def _returned(self, generation: int) -> None:
+        self._lent[generation] -= 1
+        if not self._lent[generation]:
+            del self._lent[generation]
+        self._cond.notify_all()
+
+    def _give_back(self, store: Store, generation: int, healthy: bool) -> None:
+        with self._cond:
+            self._returned(generation)
+            if generation != self._generation:
+                store.retire()
+            elif healthy and len(self._idle) < self._keep:
+                self._idle.append(store)
             else:
                 store.close()
 
     def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+        """Close the idle connections; the next borrow looks at the path afresh."""
+        with self._cond:
+            while self._idle:
+                self._idle.pop().close()
+            self._file = _UNSEEN
+
+
+_UNSEEN = object()
+_log = logging.getLogger(log.LOGGER)
