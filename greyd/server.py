@@ -3,8 +3,9 @@
 One `Listener` (a ThreadingTCPServer) per listen address, all sharing one
 `Context` and one `Admission` (the connection limits). A thread per client
 runs its Session. `Daemon` binds everything, serves, and stops gracefully:
-no new connections, sessions get up to `grace` seconds to finish, then the
-rest are told 421 4.3.2.
+no new connections, sessions with no transaction under way are told
+421 4.3.2 at once, the others get up to `grace` seconds to finish, then the
+rest are told 421 4.3.2 too.
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ class Admission:
         self.max_connections, self.per_client = max_connections, per_client
         self.by_client: Counter[str] = Counter()
         self.sockets: dict[socket.socket, str] = {}
+        self.sessions: dict[socket.socket, Session] = {}
         self._cond = threading.Condition()
+
+    def under_pressure(self) -> bool:
+        """True when 80 % of max_connections are in use."""
+        return len(self.sockets) >= 0.8 * self.max_connections
+
+    def attach(self, sock: socket.socket, session: Session) -> None:
+        with self._cond:
+            self.sessions[sock] = session
 
     def admit(self, sock: socket.socket, client: str) -> replies.Reply | None:
         """None when the session may start, else the 421 to send."""
@@ -48,6 +58,7 @@ class Admission:
 
     def release(self, sock: socket.socket) -> None:
         with self._cond:
+            self.sessions.pop(sock, None)
             client = self.sockets.pop(sock, None)
             if client is not None:
                 self.by_client[client] -= 1
@@ -59,10 +70,14 @@ class Admission:
         with self._cond:
             return self._cond.wait_for(lambda: not self.sockets, timeout)
 
-    def interrupt_all(self) -> None:
-        """Make every session's pending read return end-of-file."""
+    def interrupt(self, only_idle: bool = False) -> None:
+        """Make sessions' pending reads return end-of-file (all, or those
+        with no transaction under way); they answer 421 4.3.2 and close."""
         with self._cond:
             for sock in list(self.sockets):
+                session = self.sessions.get(sock)
+                if only_idle and (session is None or not session.idle):
+                    continue
                 try:
                     sock.shutdown(socket.SHUT_RD)
                 except OSError:
@@ -115,7 +130,9 @@ class Handler(socketserver.BaseRequestHandler):
         ctx = self.server.ctx
         conn = Connection(sock, ctx.config.server.command_timeout)
         with io.BufferedReader(conn, READ_BUFFER) as rfile:
-            Session(ctx, peer_ip(self.client_address), rfile, conn.send, conn.expect).run()
+            session = Session(ctx, peer_ip(self.client_address), rfile, conn.send, conn.expect)
+            self.server.admission.attach(sock, session)
+            session.run()
 
 
 class Listener(socketserver.ThreadingTCPServer):
@@ -162,6 +179,7 @@ class Daemon:
         server = ctx.config.server
         self.ctx, self.grace = ctx, grace
         self.admission = Admission(server.max_connections, server.max_connections_per_client)
+        ctx.under_pressure = self.admission.under_pressure
         self.listeners: list[Listener] = []
         self._threads: list[threading.Thread] = []
         try:
@@ -191,8 +209,9 @@ class Daemon:
         for listener in self.listeners:
             listener.shutdown()
         self.close()
+        self.admission.interrupt(only_idle=True)
         if not self.admission.wait_idle(self.grace):
-            self.admission.interrupt_all()
+            self.admission.interrupt()
             self.admission.wait_idle(REFUSE_TIMEOUT)
         self.ctx.pool.close()
         self.ctx.lookup.close()
@@ -210,7 +229,8 @@ class Daemon:
             pool = StorePool(config.database.path)
         lookup = old.lookup if config.dns == old.config.dns else None
         self.ctx = Context(config, pool, clock=old.clock, logger=old.logger,
-                           stopping=old.stopping, lookup=lookup)
+                           stopping=old.stopping, lookup=lookup,
+                           under_pressure=self.admission.under_pressure)
         if lookup is None:
             old.lookup.close()    # its sessions' lookups under way still finish
         for listener in self.listeners:

@@ -33,6 +33,10 @@ COMMAND_LIMIT = 512              # RFC 5321 4.5.3.1.4, CRLF included
 MAIL_ALLOWANCE = 26 + 15         # RFC 1870 SIZE= and RFC 6152 BODY= (RFC 5321 4.5.3.1.4)
 DATA_CHUNK = 65536
 UNSUPPORTED = {"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "STARTTLS", "AUTH"}
+JUNK = {"NOOP", "RSET", "VRFY", "HELP"}   # commands that move no mail
+JUNK_LIMIT = 100       # beyond it each junk command counts as an error (as Postfix does)
+STRESS_TIMEOUT = 10.0  # command timeout while the daemon is near max_connections
+SHUTDOWN_LINGER = 1.0  # seconds to wait for a QUIT on its way when shutting down
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 
@@ -72,6 +76,8 @@ class Context:
     clock: Callable[[], float] = time.time
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger(log.LOGGER))
     stopping: threading.Event = field(default_factory=threading.Event)
+    # True while connections are scarce; the server sets it (Postfix's "stress").
+    under_pressure: Callable[[], bool] = field(default=lambda: False)
     lookup: Lookup | None = None
 
     def __post_init__(self):
@@ -112,6 +118,9 @@ class Session:
         self.dns: ClientDNS | None = None
         self._pending: Pending | None = None
         self.errors = 0
+        self.junk = 0
+        self.verb = ""
+        self.end = "quit"
         self.messages = 0
         self.receiving = False
         self.done = False
@@ -121,27 +130,29 @@ class Session:
     def run(self) -> None:
         started = time.monotonic()
         server = self.config.server
-        end = "quit"
         self._pending = self.ctx.lookup.start(self.client)
         try:
             self.send(replies.greeting(server.hostname, server.banner))
             while not self.done:
-                self._expect(server.command_timeout)        # the whole command line
+                if self.ctx.stopping.is_set() and self.envelope is None:
+                    self.last_command()                  # no transaction to finish
+                    break
+                self._expect(self.command_timeout())       # the whole command line
                 reply = self.handle(self.read_command())
                 self.send(reply)
                 if self.receiving:
                     self.receiving = False
                     self.send(self.finish_data(self.read_message()))
         except socket.timeout:
-            end = "timeout"
+            self.end = "timeout"
             self.send_quietly(replies.TIMEOUT)
         except Closed as closed:
-            end = str(closed) or "closed"
-            if self.ctx.stopping.is_set() and end == "disconnect":
-                end = "shutdown"
+            self.end = str(closed) or "closed"
+            if self.ctx.stopping.is_set() and self.end in ("disconnect", "shutdown"):
+                self.end = "shutdown"
                 self.send_quietly(replies.SHUTTING_DOWN)
         except OSError:
-            end = "disconnect"
+            self.end = "disconnect"
         finally:
             if self.relay is not None:
                 self.relay.quit()
@@ -150,7 +161,7 @@ class Session:
             self.ctx.logger.info("session end %s", log.fields(
                 id=self.id, client=self.client, name=self.client_name or "unknown",
                 helo=self.helo, messages=self.messages,
-                errors=self.errors, end=end, seconds=f"{time.monotonic() - started:.3f}"))
+                errors=self.errors, end=self.end, seconds=f"{time.monotonic() - started:.3f}"))
 
     def send(self, reply: Reply) -> None:
         self._send(reply.encode())
@@ -176,13 +187,44 @@ class Session:
                     return b""
         return line
 
+    def last_command(self) -> None:
+        """Shutting down between transactions: a QUIT already on its way gets
+        its 221, anything else (or nothing, within a second) 421 4.3.2."""
+        try:
+            self._expect(SHUTDOWN_LINGER)
+            line = self.read_command()
+        except (socket.timeout, Closed, OSError):
+            line = b""
+        quit = line.rstrip(b"\r\n").upper() == b"QUIT"
+        self.end = "quit" if quit else "shutdown"
+        self.send_quietly(replies.closing(self.config.server.hostname) if quit
+                          else replies.SHUTTING_DOWN)
+
+    def command_timeout(self) -> float:
+        """server.command_timeout, cut short while connections are scarce."""
+        timeout = self.config.server.command_timeout
+        return min(timeout, STRESS_TIMEOUT) if self.ctx.under_pressure() else timeout
+
+    @property
+    def idle(self) -> bool:
+        """No transaction under way: the session may be closed at once on shutdown."""
+        return self.envelope is None and not self.receiving
+
     def handle(self, line: bytes) -> Reply:
-        """The reply to one command line, counting errors toward max_errors."""
+        """The reply to one command line, counting errors toward max_errors.
+
+        Junk commands (NOOP, RSET, VRFY, HELP) beyond JUNK_LIMIT count too, so a
+        client cannot hold a connection for ever with commands that move no mail.
+        """
+        self.verb = ""
         reply = self._dispatch(line)
-        if replies.is_error(reply):
+        if self.verb in JUNK:
+            self.junk += 1
+        if replies.is_error(reply) or (self.verb in JUNK and self.junk > JUNK_LIMIT):
             self.errors += 1
             if self.errors >= self.config.server.max_errors:
                 self.done = True
+                self.end = "errors"
                 return replies.TOO_MANY_ERRORS
         return reply
 
@@ -193,7 +235,7 @@ class Session:
             return replies.BAD_CHARACTERS
         text = line[:-2].decode("ascii", "surrogateescape")
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
+        verb = self.verb = verb.upper()
         limit = COMMAND_LIMIT + (MAIL_ALLOWANCE if verb == "MAIL" else 0)
         if len(line) > limit:
             return replies.LINE_TOO_LONG

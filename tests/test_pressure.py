@@ -1,0 +1,475 @@
+"""Connection pressure on the real daemon (SPEC §2 limits, §9 promises).
+
+greyd runs as `greyd start --foreground` in a subprocess (test_daemon's
+`Foreground`) so that its threads and descriptors can be counted in
+/proc/<pid>: the connection limits, a flood of 1,000 idle and dribbling
+connections beside a well-behaved client, the per-command and per-line
+deadlines against slow clients, and the graceful stop on SIGTERM.
+Clients come from several loopback addresses (127.0.0.x) to tell the
+per-client limit from the total one; 127.0.0.200 is a trusted client
+(relay.clients), so its mail goes straight to the upstream.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import select
+import signal
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from greyd import replies
+from greyd.replies import Reply
+from greyd.server import GRACE
+from smtpclient import Raw
+from test_daemon import Foreground, config_for, wait_listening
+from upstream import free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+TRUSTED = "127.0.0.200"               # in relay.clients below: never greylisted
+HOST = "mx.greyd.test"                # server.hostname in conftest's base config
+BASE_THREADS = 2                      # the main thread and the one accept thread
+
+
+def R(reply: Reply) -> tuple[int, str]:
+    """A reply constant as Raw.reply() returns it: (code, text)."""
+    return reply.code, reply.text
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+# -- /proc --------------------------------------------------------------------------------------
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def descriptors(pid: int, database: str) -> dict[str, int]:
+    """The process's open descriptors by kind: sockets, database files, the rest."""
+    kinds = {"socket": 0, "database": 0, "other": 0}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:              # closed while we looked
+            continue
+        if target.startswith("socket:"):
+            kinds["socket"] += 1
+        elif target.startswith(database):
+            kinds["database"] += 1
+        else:
+            kinds["other"] += 1
+    return kinds
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def until(condition: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
+def settled(pid: int, timeout: float = 10) -> int:
+    """Wait until only the base threads run (sessions of earlier probes ended); the count."""
+    until(lambda: threads(pid) == BASE_THREADS, timeout)
+    return threads(pid)
+
+
+# -- clients ------------------------------------------------------------------------------------
+
+def closed_by_server(sock: socket.socket, timeout: float = 5) -> bool:
+    """True when the server has closed the connection (end of stream or reset)."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            if sock.recv(4096) == b"":
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def dribble(sock: socket.socket, data: bytes, interval: float, limit: float):
+    """Send `data` one byte every `interval` s until the server answers or closes.
+
+    Returns (what the server sent, seconds it took, bytes sent by then).
+    """
+    started = time.monotonic()
+    sent, received = 0, b""
+    while time.monotonic() - started < limit and not received.endswith(b"\r\n"):
+        if sent < len(data):
+            try:
+                sock.send(data[sent:sent + 1])
+                sent += 1
+            except OSError:
+                break
+        ready, _, _ = select.select([sock], [], [], interval)
+        if ready:
+            try:
+                chunk = sock.recv(4096)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received, time.monotonic() - started, sent
+
+
+def parse_reply(data: bytes) -> tuple[int, str]:
+    line = data.decode("utf-8", "replace").rstrip("\r\n")
+    return (int(line[:3]), line[4:]) if line[:3].isdigit() else (0, line)
+
+
+def transaction(port: int, sender: str, body: bytes, source: str = TRUSTED):
+    """One whole transaction from `source`: the RCPT and DATA replies."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(source, 0)) as client:
+        client.ehlo("good.example.net")
+        client.mail(sender)
+        rcpt = client.rcpt("bob@localhost")
+        data = client.data(body) if rcpt[0] == 250 else None
+    return rcpt, data
+
+
+def pressure_config(tmp_path, upstream_port: int, port: int, **server):
+    return config_for(tmp_path, upstream_port, port, server=server,
+                      relay={"domains": ["localhost"], "clients": [f"{TRUSTED}/32"]})
+
+
+# -- the connection limits ----------------------------------------------------------------------
+
+def admitted_again(port: int, source: str, timeout: float = 5) -> Raw | None:
+    """The first connection from `source` greeted with 220 within `timeout`, else None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = Raw(port, source=source, timeout=5)
+        if probe.greeting[0] == 220:
+            return probe
+        probe.close()
+        time.sleep(0.05)
+    return None
+
+
+def test_connection_limits_total_and_per_client(tmp_path, upstream, port):
+    config = pressure_config(tmp_path, upstream.port, port,
+                             max_connections=5, max_connections_per_client=2)
+    greeting = R(replies.greeting(HOST, "greyd"))
+    opened: list[Raw] = []
+    with Foreground(config) as daemon:
+        wait_listening(port)
+        pid = daemon.proc.pid
+        assert settled(pid) == BASE_THREADS
+        try:
+            opened += [Raw(port, source="127.0.0.2") for _ in range(2)]
+            assert [c.greeting for c in opened] == [greeting] * 2
+            with Raw(port, source="127.0.0.2") as third:         # over the per-client limit
+                assert third.greeting == R(replies.TOO_MANY_FROM_CLIENT)
+                assert third.closed()
+            opened += [Raw(port, source="127.0.0.3") for _ in range(2)]
+            opened.append(Raw(port, source="127.0.0.4"))
+            assert [c.greeting for c in opened] == [greeting] * 5
+            for source in ("127.0.0.5", "127.0.0.4"):            # over the total limit
+                with Raw(port, source=source) as sixth:
+                    assert sixth.greeting == R(replies.TOO_MANY_CONNECTIONS)
+                    assert sixth.closed()
+            assert threads(pid) == BASE_THREADS + 5                # refusals start no session
+            for c in opened:                                       # the admitted are served
+                assert c.cmd("NOOP") == R(replies.OK)
+
+            opened.pop(2).close()                                  # one of 127.0.0.3 leaves
+            newcomer = admitted_again(port, "127.0.0.5")
+            assert newcomer is not None, "a slot freed by a closed session was not reused"
+            opened.append(newcomer)
+            with Raw(port, source="127.0.0.6") as seventh:
+                assert seventh.greeting == R(replies.TOO_MANY_CONNECTIONS)
+        finally:
+            for c in opened:
+                c.close()
+        assert until(lambda: threads(pid) == BASE_THREADS, 10)
+        again = [Raw(port, source="127.0.0.2") for _ in range(2)]   # both slots free again
+        try:
+            assert [c.greeting for c in again] == [greeting] * 2
+        finally:
+            for c in again:
+                c.close()
+        assert daemon.stop() == 0
+    refused = [line for line in daemon.stderr.splitlines() if "connection refused" in line]
+    assert len(refused) >= 4
+    assert any("Too many connections from your address" in line for line in refused)
+
+
+# -- a flood beside a well-behaved client ---------------------------------------------------
+
+FLOOD = 1000
+PER_SOURCE = 20                       # max_connections_per_client's default
+TRICKLE_LIMIT = 60                    # seconds the trickler runs at most
+
+
+@pytest.fixture
+def descriptor_room():
+    """Enough descriptors for the flood, in this process and the daemon it starts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * FLOOD + 500
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def trickle(sockets: list[socket.socket], stop: threading.Event) -> None:
+    """One byte a second to each socket, of a command line that never ends (bounded)."""
+    for _ in range(TRICKLE_LIMIT):
+        for sock in sockets:
+            try:
+                sock.send(b"x")
+            except OSError:
+                pass
+        if stop.wait(1.0):
+            return
+
+
+def test_a_thousand_connections_do_not_stop_a_good_client(tmp_path, upstream, port,
+                                                          descriptor_room):
+    config = pressure_config(tmp_path, upstream.port, port, max_connections=FLOOD + 100,
+                             command_timeout=300)
+    database = str(tmp_path / "var/greyd.db")
+    body = b"Subject: through the flood\r\n\r\nHello.\r\n"
+    with Foreground(config) as daemon:
+        wait_listening(port)
+        pid = daemon.proc.pid
+        # A first transaction opens the store's pooled connection, part of the baseline.
+        assert transaction(port, "warm@example.net", body)[1][0] == 250
+        assert settled(pid) == BASE_THREADS
+        base_fds = descriptors(pid, database)
+        rss_before = rss_kib(pid)
+
+        flood: list[Raw] = []
+        stop = threading.Event()
+        trickler = threading.Thread(target=trickle, args=([], stop), daemon=True)
+        try:
+            for i in range(FLOOD):
+                flood.append(Raw(port, source=f"127.0.0.{2 + i // PER_SOURCE}", timeout=10))
+            greetings = [c.greeting[0] for c in flood]
+            assert greetings.count(220) == FLOOD, f"not admitted: {FLOOD - greetings.count(220)}"
+            assert until(lambda: threads(pid) == BASE_THREADS + FLOOD, 10), threads(pid)
+            rss_with = rss_kib(pid)
+            with Raw(port, source="127.0.0.2") as extra:      # the per-client limit still holds
+                assert extra.greeting == R(replies.TOO_MANY_FROM_CLIENT)
+            idle, slow = flood[0::2], flood[1::2]
+            for c in slow:
+                c.send(b"EHLO slow")
+            trickler = threading.Thread(target=trickle, args=([c.sock for c in slow], stop),
+                                        daemon=True)
+            trickler.start()
+            time.sleep(2)                    # the slow ones are dribbling by now
+
+            started = time.monotonic()
+            rcpt, data = transaction(port, "good@example.net", body)
+            took = time.monotonic() - started
+            assert rcpt == (250, b"2.1.5 OK") and data == (250, b"2.0.0 OK queued")
+            good = upstream.wait_for(2)[-1]
+            assert good.mail_from == "good@example.net" and good.data.endswith(body)
+            assert took < 10, f"a good client took {took:.1f} s beside {FLOOD} connections"
+            # the good session's thread ends; nobody of the flood was dropped
+            assert until(lambda: threads(pid) == BASE_THREADS + FLOOD, 5), threads(pid)
+
+            stop.set()
+            trickler.join(5)
+            for c in idle[:5]:                               # the flood is served too
+                assert c.cmd("NOOP") == R(replies.OK)
+            for c in slow[:5]:                               # its dribbled line, finished
+                assert c.cmd(b"")[0] == 250
+        finally:
+            stop.set()
+            if trickler.is_alive():
+                trickler.join(5)
+            for c in flood:
+                c.close()
+        print(f"\n{FLOOD} connections: daemon RSS {rss_before} KiB before, {rss_with} KiB with "
+              f"({(rss_with - rss_before) / FLOOD:.1f} KiB each); good transaction {took:.2f} s")
+
+        assert until(lambda: threads(pid) == BASE_THREADS, 20), threads(pid)
+        assert until(lambda: descriptors(pid, database) == base_fds, 10), \
+            (descriptors(pid, database), base_fds)
+        assert transaction(port, "after@example.net", body)[1][0] == 250
+        again = [Raw(port, source="127.0.0.2") for _ in range(PER_SOURCE)]   # no slot leaked
+        try:
+            assert [c.greeting[0] for c in again] == [220] * PER_SOURCE
+        finally:
+            for c in again:
+                c.close()
+        assert daemon.stop() == 0
+
+
+# -- slow clients -------------------------------------------------------------------------------
+
+COMMAND_TIMEOUT = 1
+DATA_TIMEOUT = 2
+
+
+def test_idle_and_dribbling_clients_meet_their_deadlines(tmp_path, upstream, port):
+    config = pressure_config(tmp_path, upstream.port, port, command_timeout=COMMAND_TIMEOUT,
+                             data_timeout=DATA_TIMEOUT)
+    database = str(tmp_path / "var/greyd.db")
+    timings = {}
+    with Foreground(config) as daemon:
+        wait_listening(port)
+        pid = daemon.proc.pid
+        assert transaction(port, "warm@example.net", b"warm\r\n")[1][0] == 250  # pools a store
+        assert settled(pid) == BASE_THREADS
+        base_fds = descriptors(pid, database)
+
+        with Raw(port, timeout=10) as idle:
+            started = time.monotonic()
+            assert idle.reply() == R(replies.TIMEOUT)
+            timings["idle"] = time.monotonic() - started
+            assert idle.closed()
+        assert until(lambda: threads(pid) == BASE_THREADS, 5), "the idle session's thread stayed"
+
+        with Raw(port, timeout=10) as slow:         # 0.3 s apart: no single read ever waits 1 s
+            got, timings["command"], sent = dribble(slow.sock, b"EHLO " + b"a" * 200, 0.3, 15)
+            assert parse_reply(got) == R(replies.TIMEOUT)
+            assert sent >= 3
+            assert closed_by_server(slow.sock)
+        assert until(lambda: threads(pid) == BASE_THREADS, 5), "the slow session's thread stayed"
+
+        with Raw(port, source=TRUSTED, timeout=10) as slow:
+            assert slow.cmd("EHLO slow.example.net")[0] == 250
+            assert slow.cmd("MAIL FROM:<slow@example.net>") == R(replies.SENDER_OK)
+            assert slow.cmd("RCPT TO:<bob@localhost>") == (250, "2.1.5 OK")
+            assert slow.cmd("DATA") == R(replies.START_DATA)
+            slow.send(b"Subject: slow\r\n\r\n")
+            got, timings["data"], sent = dribble(slow.sock, b"a line that never ends " * 5, 0.3, 15)
+            assert parse_reply(got) == R(replies.TIMEOUT)
+            assert closed_by_server(slow.sock)
+        assert until(lambda: threads(pid) == BASE_THREADS, 5)
+        assert [m.mail_from for m in upstream.messages] == ["warm@example.net"]  # no half message
+        assert upstream.transactions[-1].data_code is None
+        assert until(lambda: descriptors(pid, database) == base_fds, 5)
+        assert daemon.stop() == 0
+    print(f"\nseconds to 421 4.4.2: idle {timings['idle']:.2f}, dribbled command "
+          f"{timings['command']:.2f} (command_timeout {COMMAND_TIMEOUT}), dribbled DATA line "
+          f"{timings['data']:.2f} (data_timeout {DATA_TIMEOUT})")
+    assert 0.8 * COMMAND_TIMEOUT <= timings["idle"] <= COMMAND_TIMEOUT + 4
+    assert 0.8 * COMMAND_TIMEOUT <= timings["command"] <= COMMAND_TIMEOUT + 4
+    assert 0.8 * DATA_TIMEOUT <= timings["data"] <= DATA_TIMEOUT + 4
+
+
+# -- graceful stop ------------------------------------------------------------------------------
+
+def open_data(port: int, n: int) -> Raw:
+    """A trusted session inside DATA with the head of message n sent."""
+    c = Raw(port, source=TRUSTED, timeout=45)
+    assert c.cmd("EHLO client.example.net")[0] == 250
+    assert c.cmd(f"MAIL FROM:<sender{n}@example.net>") == R(replies.SENDER_OK)
+    assert c.cmd("RCPT TO:<bob@localhost>") == (250, "2.1.5 OK")
+    assert c.cmd("DATA") == R(replies.START_DATA)
+    c.send(f"Subject: message {n}\r\n\r\nfirst line\r\n".encode())
+    return c
+
+
+def finish(c: Raw, n: int, lines: int, pause: float, outcome: dict) -> None:
+    """Send the rest of message n slowly, its end, then QUIT; record the replies."""
+    try:
+        for k in range(lines):
+            time.sleep(pause)
+            c.send(f"line {k}\r\n".encode())
+        outcome["data"] = c.cmd(".")
+        outcome["quit"] = c.cmd("QUIT")
+        outcome["closed"] = c.closed()
+    except OSError as error:
+        outcome["error"] = repr(error)
+
+
+def stall(c: Raw, signalled: float, outcome: dict) -> None:
+    """Dribble a body line that never ends; record the reply and when it came."""
+    got, _, _ = dribble(c.sock, b"x" * 200, 0.5, GRACE + 15)
+    outcome["reply"] = parse_reply(got)
+    outcome["after"] = time.monotonic() - signalled
+    outcome["closed"] = closed_by_server(c.sock)
+
+
+def body_of(n: int, lines: int) -> bytes:
+    return (f"Subject: message {n}\r\n\r\nfirst line\r\n".encode()
+            + b"".join(f"line {k}\r\n".encode() for k in range(lines)))
+
+
+def test_sigterm_lets_messages_finish_and_421s_the_rest(tmp_path, upstream, port):
+    config = pressure_config(tmp_path, upstream.port, port, command_timeout=120,
+                             data_timeout=120)
+    # (lines still to send, seconds between them): done ~1 s, ~5 s and ~15 s after SIGTERM
+    finishing = {0: (3, 0.3), 1: (5, 1.0), 2: (10, 1.5)}
+    stalling = (3, 4, 5)
+    outcomes = {n: {} for n in (*finishing, *stalling)}
+    with Foreground(config) as daemon:
+        wait_listening(port)
+        sessions = {n: open_data(port, n) for n in outcomes}
+        daemon.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        workers = [threading.Thread(target=finish, args=(sessions[n], n, *finishing[n], outcomes[n]))
+                   for n in finishing]
+        workers += [threading.Thread(target=stall, args=(sessions[n], signalled, outcomes[n]))
+                    for n in stalling]
+        try:
+            for worker in workers:
+                worker.start()
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    return False
+                except ConnectionRefusedError:
+                    return True
+                except OSError:          # reset: the listener closed during the handshake
+                    return False
+            assert until(refused, 5), "still accepting connections after SIGTERM"
+            code = daemon.proc.wait(timeout=GRACE + 15)
+            exited = time.monotonic() - signalled
+            for worker in workers:
+                worker.join(10)
+        finally:
+            for c in sessions.values():
+                c.close()
+        assert daemon.stop() == 0 and code == 0
+    print(f"\nSIGTERM: exit 0 after {exited:.1f} s; 421 to the stalled after "
+          + ", ".join(f"{outcomes[n]['after']:.1f} s" for n in stalling))
+
+    for n in finishing:
+        assert outcomes[n].get("data") == (250, "2.0.0 OK queued"), (n, outcomes[n])
+        assert outcomes[n]["quit"] == R(replies.closing(HOST)) and outcomes[n]["closed"]
+    for n in stalling:
+        assert outcomes[n]["reply"] == R(replies.SHUTTING_DOWN), (n, outcomes[n])
+        assert GRACE - 2 <= outcomes[n]["after"] <= GRACE + 8, outcomes[n]
+        assert outcomes[n]["closed"]
+    assert exited <= GRACE + 5
+    # The upstream has the finished messages, whole, and nothing of the stalled ones.
+    got = sorted(upstream.messages, key=lambda m: m.mail_from)
+    assert [m.mail_from for m in got] == [f"sender{n}@example.net" for n in finishing]
+    for n, message in zip(finishing, got):
+        assert message.data.endswith(body_of(n, finishing[n][0])), message.data
+    stalled = [t for t in upstream.transactions if t.mail_from in
+               {f"sender{n}@example.net" for n in stalling}]
+    assert len(stalled) == len(stalling) and all(t.data_code is None for t in stalled)
+    assert "stopped" in daemon.stderr
