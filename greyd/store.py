@@ -24,6 +24,7 @@ from . import log, policy
 from .policy import AutoEntry, Entry, Seen, Triplet, Verdict
 
 BUSY_TIMEOUT = 5.0          # seconds a writer waits for another (cron, CLI)
+POOL_KEEP = 32              # idle connections a process keeps for its sessions
 AUTO_COUNT_INTERVAL = 3600  # a network earns at most one pass per hour
 WHITELIST_KINDS = ("client", "hostname", "sender", "recipient")
 
@@ -61,13 +62,19 @@ SCHEMA_VERSION = len(MIGRATIONS)
 class Store:
     """One SQLite connection and the queries greyd runs on it."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, write_lock: threading.Lock | None = None):
+        """`write_lock` is shared by the connections of one process (StorePool):
+        its writers queue on it, fairly, instead of in SQLite's busy handler,
+        whose sleeps let some of a hundred threads lose for seconds."""
         self.path = Path(path)
         conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT,
                                check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
         self.conn = conn
+        self._write_lock = write_lock or threading.Lock()
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        # Per connection: with WAL, NORMAL syncs at checkpoints, not every commit.
+        conn.execute("PRAGMA synchronous = NORMAL")
         self._whitelist: policy.Whitelist | None = None
         self._whitelist_version = -1
 
@@ -105,7 +112,6 @@ class Store:
     def migrate(self) -> None:
         """Bring the schema up to SCHEMA_VERSION; WAL on. Idempotent."""
         self.db.enable_wal()
-        self.conn.execute("PRAGMA synchronous = NORMAL")
         # IMMEDIATE: two processes opening a new database migrate one after the other.
         self.conn.execute("BEGIN IMMEDIATE")
         try:
@@ -165,7 +171,7 @@ class Store:
         starts again from one rather than reviving.
         """
         now = int(now)
-        with self.db.atomic():
+        with self._write_lock, self.db.atomic():
             self._apply(verdict, now, max_age)
             self.conn.execute(
                 "INSERT INTO counters (hour, action, reason, count) VALUES (?, ?, ?, 1)"
@@ -323,9 +329,10 @@ class StorePool:
     opened; a missing one is created with the schema, as at start.
     """
 
-    def __init__(self, path: Path | str, keep: int = 8):
+    def __init__(self, path: Path | str, keep: int = POOL_KEEP):
         self.path = Path(path)
         self._keep = keep
+        self._write_lock = threading.Lock()     # one writer at a time in this process
         self._idle: list[Store] = []            # all of the current generation
         self._lent: Counter[int] = Counter()   # borrowed connections by generation
         self._generation = 0                    # counts the files seen at the path
@@ -334,7 +341,7 @@ class StorePool:
 
     def open(self) -> None:
         """Create or migrate the database and check it is writable."""
-        store = Store(self.path)
+        store = Store(self.path, self._write_lock)
         try:
             store.migrate()
             store.check_writable()
@@ -381,7 +388,7 @@ class StorePool:
     def _open(self) -> Store:
         """A new connection; a file new to greyd (created empty, or put there by
         an administrator) is migrated first: the schema, WAL."""
-        store = Store(self.path)
+        store = Store(self.path, self._write_lock)
         try:
             if not store.is_current():
                 store.migrate()

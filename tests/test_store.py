@@ -455,3 +455,37 @@ def test_check_writable_refuses_a_read_only_database(path):
                             capture_output=True, text=True, timeout=20)
     assert result.stdout.splitlines() == ["check: attempt to write a readonly database",
                                           "open: attempt to write a readonly database"], result.stderr
+
+
+def test_pool_connections_commit_without_fsync_in_wal(path):
+    pool = StorePool(path)
+    pool.open()
+    with pool.connection() as first, pool.connection() as second:
+        for s in (first, second):
+            assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert s.conn.execute("PRAGMA synchronous").fetchone()[0] == 1   # NORMAL
+
+
+def test_a_hundred_concurrent_writers_all_succeed(path):
+    """Writers of one process queue on the pool's lock, not in SQLite's busy handler."""
+    pool = StorePool(path)
+    pool.open()
+    failures = []
+
+    def write(n: int) -> None:
+        try:
+            for k in range(20):
+                with pool.connection() as s:
+                    t = Triplet(NET, f"s{n}-{k}@x.example", "bob@localhost")
+                    s.record(verdict(policy.NEW, triplet=t), T, max_age=MAX_AGE)
+        except Exception as error:          # any error at all is the failure shown
+            failures.append(error)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    with Store(path) as s:
+        assert s.conn.execute("SELECT count(*) FROM triplets").fetchone()[0] == 2000
