@@ -21,7 +21,7 @@ from greyd.smtp import Context
 from greyd.store import Store, StorePool
 
 from smtpclient import Raw
-from upstream import Upstream
+from upstream import Upstream, free_port
 
 START = 1_700_000_000.0
 
@@ -114,6 +114,12 @@ def clock() -> Clock:
 def upstream():
     with Upstream() as server:
         yield server
+
+
+@pytest.fixture
+def port() -> int:
+    """A free loopback port for a greyd started in a subprocess."""
+    return free_port()
 
 
 @pytest.fixture

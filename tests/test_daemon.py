@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_config
-from upstream import Upstream, free_port
+from upstream import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,17 +81,6 @@ class Foreground:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-@pytest.fixture
-def upstream():
-    with Upstream() as server:
-        yield server
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
 
 
 def config_for(tmp_path: Path, upstream_port: int, port: int, **overrides) -> Path:

@@ -20,21 +20,9 @@ from pathlib import Path
 import pytest
 
 from test_daemon import GREYD, Foreground, config_for, deliver, greyd, wait_listening
-from upstream import Upstream, free_port
 
 pytestmark = pytest.mark.timeout(90)
 ETC = Path(__file__).resolve().parent.parent / "etc"
-
-
-@pytest.fixture
-def upstream():
-    with Upstream() as server:
-        yield server
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
 
 
 @pytest.fixture

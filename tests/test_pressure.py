@@ -29,7 +29,6 @@ from greyd.replies import Reply
 from greyd.server import GRACE
 from smtpclient import Raw
 from test_daemon import Foreground, config_for, wait_listening
-from upstream import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,11 +40,6 @@ BASE_THREADS = 2                      # the main thread and the one accept threa
 def R(reply: Reply) -> tuple[int, str]:
     """A reply constant as Raw.reply() returns it: (code, text)."""
     return reply.code, reply.text
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
 
 
 # -- /proc --------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from greyd.store import Store
 
 from conftest import write_config
 from test_daemon import Foreground, config_for, deliver, greyd, wait_listening
-from upstream import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,11 +36,6 @@ T = 1_700_000_000
 def config(tmp_path) -> Path:
     """A config whose database is in tmp_path; nothing listens (no daemon)."""
     return write_config(tmp_path, 10025)
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
 
 
 def run(config: Path, *args: str):
