@@ -9,13 +9,16 @@ greylisted like any stranger.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import smtplib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from greyd import config as configuration
+from greyd import config as configuration, log
 from greyd.server import Daemon
 from greyd.smtp import Context
 from greyd.store import Store, StorePool
@@ -103,6 +106,48 @@ class Greyd:
 
     def store(self) -> Store:
         return Store(self.config.database.path)
+
+
+class LogLines(logging.Handler):
+    """What the "greyd" loggers say, from any thread: `lines` as the log file
+    has them, `messages` without the timestamp and level."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter(log.FORMAT))
+        self.lines: list[str] = []
+        self.messages: list[str] = []
+        self._changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._changed:
+            self.lines.append(self.format(record))
+            self.messages.append(record.getMessage())
+            self._changed.notify_all()
+
+    def matching(self, pattern: str) -> list[str]:
+        with self._changed:
+            return [m for m in self.messages if re.search(pattern, m)]
+
+    def wait_for(self, pattern: str, timeout: float = 5) -> list[str]:
+        with self._changed:
+            self._changed.wait_for(
+                lambda: any(re.search(pattern, m) for m in self.messages), timeout)
+        found = self.matching(pattern)
+        assert found, f"no log message matches {pattern!r}: {self.messages}"
+        return found
+
+
+@pytest.fixture
+def logs():
+    """The log of this test, by a handler of our own (propagation may be off)."""
+    logger = logging.getLogger(log.LOGGER)
+    handler, level = LogLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import re
 import socket
 import sqlite3
@@ -494,37 +493,6 @@ def test_sql_metacharacters_are_stored_verbatim_and_harm_nothing(start_greyd, up
 
 
 # -- 2. injection: log lines ----------------------------------------------------------------------
-
-class Lines(logging.Handler):
-    """Every record of the "greyd" loggers, formatted as the log file has it."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.setFormatter(logging.Formatter(log.FORMAT))
-        self.lines: list[str] = []
-        self.changed = threading.Condition()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self.changed:
-            self.lines.append(self.format(record))
-            self.changed.notify_all()
-
-    def wait_for(self, prefix: str, timeout: float = 5) -> None:
-        with self.changed:
-            assert self.changed.wait_for(
-                lambda: any(f": INFO {prefix} " in line for line in self.lines), timeout)
-
-
-@pytest.fixture
-def logs():
-    logger = logging.getLogger(log.LOGGER)
-    handler, level = Lines(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
 
 _PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?: |$)')
 _LINE = re.compile(r"^\S+ \S+ greyd\[\d+\]: (\w+) (decision|message|session end) (.*)$")

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import re
 import smtplib
-import threading
 import time
 
 import dns.name
@@ -23,7 +21,7 @@ import pytest
 from greyd.config import DnsConfig
 from greyd.dns import Lookup, hostname, list_query, client_address
 
-from conftest import write_config
+from conftest import LogLines, write_config
 from dnsserver import MALFORMED, NXDOMAIN, SERVFAIL, TIMEOUT, DnsServer
 from test_daemon import greyd as run_greyd
 from upstream import Upstream
@@ -45,51 +43,13 @@ def dns_server():
         yield server
 
 
-class Lines(logging.Handler):
-    """The messages of the "greyd" logger, as they arrive from any thread."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._changed:
-            self.lines.append(record.getMessage())
-            self._changed.notify_all()
-
-    def matching(self, pattern: str) -> list[str]:
-        with self._changed:
-            return [line for line in self.lines if re.search(pattern, line)]
-
-    def wait_for(self, pattern: str, timeout: float = 5) -> list[str]:
-        with self._changed:
-            self._changed.wait_for(lambda: any(re.search(pattern, line)
-                                               for line in self.lines), timeout)
-        found = self.matching(pattern)
-        assert found, f"no log line matches {pattern!r}: {self.lines}"
-        return found
-
-
-@pytest.fixture
-def logs():
-    """Log lines of "greyd", collected by a handler of our own (propagation may be off)."""
-    logger = logging.getLogger("greyd")
-    handler, level = Lines(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
 def fields(line: str) -> dict[str, str]:
     """key=value pairs of one log line (values may be JSON-quoted)."""
     return {key: json.loads(value) if value.startswith('"') else value
             for key, value in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)', line)}
 
 
-def decisions(logs: Lines) -> list[dict[str, str]]:
+def decisions(logs: LogLines) -> list[dict[str, str]]:
     return [fields(line) for line in logs.matching(r"^decision ")]
 
 
