@@ -13,6 +13,7 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterable, Protocol
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -116,7 +117,7 @@ class Facts(Protocol):
 def decide(request: Request, rules: Rules, facts: Facts, now: float) -> Verdict:
     """Decide one recipient; reads `facts`, changes nothing."""
     now = int(now)
-    network = client_network(request.client, rules.ipv4_prefix, rules.ipv6_prefix)
+    network, triplet = keys(request, rules)
     verdict = relay_check(request, rules, network)
     if verdict is not None:
         return verdict
@@ -130,12 +131,16 @@ def decide(request: Request, rules: Rules, facts: Facts, now: float) -> Verdict:
         if (auto is not None and auto.count >= rules.auto_whitelist_after
                 and now - auto.last_seen <= rules.max_age):
             return Verdict(ACCEPT, "auto-whitelist", network, update=AUTO)
-    triplet = Triplet(network, normalize_sender(request.sender),
-                      request.recipient.lower())
     verdict = judge(facts.seen(triplet), now, rules)
     if request.dnsbl and verdict.action == GREYLIST:
         verdict = _replace(verdict, reason=f"{verdict.reason},dnsbl:{request.dnsbl}")
     return _replace(verdict, network=network, triplet=triplet)
+
+
+def keys(request: Request, rules: Rules) -> tuple[str, Triplet]:
+    """The client's network and the triplet that `decide` looks up."""
+    network = client_network(request.client, rules.ipv4_prefix, rules.ipv6_prefix)
+    return network, Triplet(network, normalize_sender(request.sender), request.recipient.lower())
 
 
 def relay_check(request: Request, rules: Rules, network: str) -> Verdict | None:
@@ -181,6 +186,7 @@ def _replace(verdict: Verdict, **changes) -> Verdict:
 
 # -- the pieces of a triplet ------------------------------------------------
 
+@lru_cache(maxsize=4096)
 def client_network(client: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The client's network, e.g. '192.0.2.0/24'; IPv4-mapped IPv6 counts as IPv4."""
     address = client_address(client)
@@ -188,6 +194,7 @@ def client_network(client: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     return str(ipaddress.ip_network((address, prefix), strict=False))
 
 
+@lru_cache(maxsize=4096)
 def client_address(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     address = ipaddress.ip_address(client.split("%", 1)[0])
     if address.version == 6 and address.ipv4_mapped is not None:

@@ -15,15 +15,19 @@ import sqlite3
 import threading
 from collections import Counter
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import sqlite_utils
 
 from . import log, policy
+from .recorder import Recorder
 from .policy import AutoEntry, Entry, Seen, Triplet, Verdict
 
 BUSY_TIMEOUT = 5.0          # seconds a writer waits for another (cron, CLI)
+MMAP_SIZE = 1 << 30         # bytes of the database file each connection maps
+FRESH_ROWS = 256             # triplets per multi-row insert at most
 POOL_KEEP = 32              # idle connections a process keeps for its sessions
 AUTO_COUNT_INTERVAL = 3600  # a network earns at most one pass per hour
 WHITELIST_KINDS = ("client", "hostname", "sender", "recipient")
@@ -75,6 +79,9 @@ class Store:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
         # Per connection: with WAL, NORMAL syncs at checkpoints, not every commit.
         conn.execute("PRAGMA synchronous = NORMAL")
+        # Pages read from the mapped file: no read() per page after another
+        # connection's write has emptied this one's page cache.
+        conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
         self._whitelist: policy.Whitelist | None = None
         self._whitelist_version = -1
 
@@ -143,11 +150,19 @@ class Store:
         """The static whitelist, reloaded only when it has changed."""
         version = self.conn.execute(
             "SELECT value FROM meta WHERE key = 'whitelist_version'").fetchone()[0]
+        return self._whitelist_at(version)
+
+    def _whitelist_at(self, version: int) -> policy.Whitelist:
         if version != self._whitelist_version or self._whitelist is None:
             rows = self.conn.execute("SELECT kind, value, expires FROM whitelist")
             self._whitelist = policy.Whitelist.build(Entry(*row) for row in rows)
             self._whitelist_version = version
         return self._whitelist
+
+    def facts(self, network: str, triplet: Triplet) -> "Snapshot":
+        """Everything a decision about `triplet` from `network` may read, in one
+        statement run when first asked: one read transaction, one GIL release."""
+        return Snapshot(self, network, triplet)
 
     def auto_entry(self, network: str) -> AutoEntry | None:
         row = self.conn.execute(
@@ -170,24 +185,52 @@ class Store:
         `max_age` is greylist.max_age: an auto-whitelist count older than that
         starts again from one rather than reviving.
         """
-        now = int(now)
-        with self._write_lock, self.db.atomic():
-            self._apply(verdict, now, max_age)
-            self.conn.execute(
-                "INSERT INTO counters (hour, action, reason, count) VALUES (?, ?, ?, 1)"
-                " ON CONFLICT (hour, action, reason) DO UPDATE SET count = count + 1",
-                (now - now % 3600, verdict.action, counter_reason(verdict.reason)))
+        self.record_many([(verdict, now, max_age)])
+
+    def record_many(self, decisions: list[tuple[Verdict, float, int]]) -> None:
+        """Remember many decisions, in order, and count them, in one transaction.
+
+        A run of new (or restarted) triplets, all a flood of spam brings, goes
+        in a few multi-row statements rather than one statement each.
+        """
+        counts: Counter[tuple[int, str, str]] = Counter()
+        with self._write_lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                fresh: list[tuple] = []
+                for verdict, now, max_age in decisions:
+                    now = int(now)
+                    counts[now - now % 3600, verdict.action, counter_reason(verdict.reason)] += 1
+                    if verdict.update in (policy.NEW, policy.RESTART):
+                        t = verdict.triplet
+                        fresh.append((t.network, t.sender, t.recipient, now, now))
+                        continue
+                    self._insert_fresh(fresh)
+                    self._apply(verdict, now, max_age)
+                self._insert_fresh(fresh)
+                self.conn.executemany(
+                    "INSERT INTO counters (hour, action, reason, count) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (hour, action, reason) DO UPDATE SET"
+                    " count = count + excluded.count",
+                    [(*key, n) for key, n in counts.items()])
+            except BaseException:
+                self.conn.rollback()
+                raise
+            self.conn.commit()
+
+    def _insert_fresh(self, rows: list[tuple]) -> None:
+        """Insert (or restart) triplets, in statements of power-of-two sizes so
+        that the few texts stay in the connection's statement cache; empties `rows`."""
+        while rows:
+            size = min(FRESH_ROWS, 1 << (len(rows).bit_length() - 1))
+            chunk, rows[:size] = rows[:size], []
+            self.conn.execute(_fresh_sql(size), [v for row in chunk for v in row])
 
     def _apply(self, verdict: Verdict, now: int, max_age: int) -> None:
         update, t = verdict.update, verdict.triplet
         key = (t.network, t.sender, t.recipient) if t else ()
         if update in (policy.NEW, policy.RESTART):
-            self.conn.execute(
-                "INSERT INTO triplets (network, sender, recipient, first_seen, last_seen)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (network, sender, recipient)"
-                " DO UPDATE SET first_seen = excluded.first_seen,"
-                " last_seen = excluded.last_seen, passed_at = NULL",
-                (*key, now, now))
+            self.conn.execute(_fresh_sql(1), (*key, now, now))
         elif update == policy.EARLY:
             self.conn.execute(
                 "UPDATE triplets SET last_seen = ?"
@@ -295,6 +338,16 @@ class Store:
         return sorted(rows, key=lambda row: (rank.get(row["kind"], len(rank)), row["value"]))
 
 
+@lru_cache(maxsize=16)
+def _fresh_sql(rows: int) -> str:
+    """Insert `rows` new triplets; one already there starts over (RESTART)."""
+    return ("INSERT INTO triplets (network, sender, recipient, first_seen, last_seen) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+            + " ON CONFLICT (network, sender, recipient) DO UPDATE SET"
+              " first_seen = excluded.first_seen, last_seen = excluded.last_seen,"
+              " passed_at = NULL")
+
+
 def _check_kind(kind: str) -> None:
     if kind not in WHITELIST_KINDS:
         raise ValueError(f"unknown whitelist kind: {kind}")
@@ -303,6 +356,47 @@ def _check_kind(kind: str) -> None:
 def counter_reason(reason: str) -> str:
     """The reason as counted: whitelist entries fold into one `whitelist`."""
     return "whitelist" if reason.startswith("whitelist:") else reason
+
+
+FACTS_SQL = (
+    "SELECT m.value, a.count, a.last_seen, t.first_seen, t.last_seen, t.passed_at"
+    " FROM meta AS m"
+    " LEFT JOIN auto_whitelist AS a ON a.network = ?"
+    " LEFT JOIN triplets AS t ON t.network = ? AND t.sender = ? AND t.recipient = ?"
+    " WHERE m.key = 'whitelist_version'")
+
+
+class Snapshot:
+    """policy.Facts for one decision, read by one statement (FACTS_SQL) at the
+    first question: the whitelist version, the network's auto-whitelist entry
+    and the triplet, each a primary-key search. Asked about another network
+    or triplet, it asks the store directly."""
+
+    def __init__(self, store: Store, network: str, triplet: Triplet):
+        self.store, self.network, self.triplet = store, network, triplet
+        self._row: tuple | None = None
+
+    def _read(self) -> tuple:
+        if self._row is None:
+            t = self.triplet
+            self._row = self.store.conn.execute(
+                FACTS_SQL, (self.network, t.network, t.sender, t.recipient)).fetchone()
+        return self._row
+
+    def whitelist(self) -> policy.Whitelist:
+        return self.store._whitelist_at(self._read()[0])
+
+    def auto_entry(self, network: str) -> AutoEntry | None:
+        if network != self.network:
+            return self.store.auto_entry(network)
+        count, last_seen = self._read()[1:3]
+        return None if count is None else AutoEntry(count, last_seen)
+
+    def seen(self, triplet: Triplet) -> Seen | None:
+        if triplet != self.triplet:
+            return self.store.seen(triplet)
+        first, last, passed = self._read()[3:6]
+        return None if first is None else Seen(first, last, passed)
 
 
 def file_state(path: Path) -> tuple | None:
@@ -338,6 +432,11 @@ class StorePool:
         self._generation = 0                    # counts the files seen at the path
         self._file: tuple | None | object = _UNSEEN
         self._cond = threading.Condition()
+        self.recorder = Recorder(self)          # the sessions' writes, group-committed
+
+    def record(self, verdict: Verdict, now: float, *, max_age: int) -> None:
+        """Store.record for a session: committed with its neighbours' (Recorder)."""
+        self.recorder.record(verdict, now, max_age=max_age)
 
     def open(self) -> None:
         """Create or migrate the database and check it is writable."""

@@ -489,3 +489,119 @@ def test_a_hundred_concurrent_writers_all_succeed(path):
     assert failures == []
     with Store(path) as s:
         assert s.conn.execute("SELECT count(*) FROM triplets").fetchone()[0] == 2000
+
+
+# -- one statement per decision's reads; many decisions per write ------------------------
+
+def test_the_facts_of_a_decision_are_three_primary_key_searches(store):
+    args = (NET, NET, "a@b", "c@d")
+    plan = [row[3] for row in store.conn.execute("EXPLAIN QUERY PLAN " + storage.FACTS_SQL, args)]
+    assert [detail.split()[:2] for detail in plan] == [["SEARCH", "m"], ["SEARCH", "a"],
+                                                       ["SEARCH", "t"]], plan
+    for detail in plan:
+        assert "PRIMARY KEY" in detail or "sqlite_autoindex" in detail, detail
+
+
+def test_a_snapshot_answers_as_the_separate_queries_do(store):
+    other = Triplet(NET, "carol@sender.example", "bob@localhost")
+    assert store.facts(NET, TRIPLET).seen(TRIPLET) is None
+    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    store.conn.execute("INSERT INTO auto_whitelist VALUES (?, 3, ?, ?, ?)", (NET, T, T + 5, T))
+    store.conn.commit()
+    store.add_whitelist("sender", "vip@example.org")
+    facts = store.facts(NET, TRIPLET)
+    assert facts.seen(TRIPLET) == store.seen(TRIPLET) == Seen(first=T, last=T, passed=None)
+    assert facts.auto_entry(NET) == store.auto_entry(NET) == AutoEntry(3, T + 5)
+    assert facts.whitelist() == store.whitelist()
+    assert facts.seen(other) is None and facts.auto_entry("192.0.2.0/24") is None
+
+
+def table(store, name):
+    return sorted(store.conn.execute(f"SELECT * FROM {name}").fetchall())
+
+
+def test_record_many_writes_what_recording_one_by_one_writes(tmp_path):
+    """A run of 300 new triplets (chunks of 256, 32, 8, 4), one of them twice,
+    between other kinds of updates, in their order."""
+    t1, t2 = (Triplet(NET, f"s{i}@sender.example", "bob@localhost") for i in (1, 2))
+    decisions = [(verdict(policy.NEW, triplet=t1), T, MAX_AGE),
+                 (verdict(policy.EARLY, reason="too-early", triplet=t1), T + 10, MAX_AGE)]
+    decisions += [(verdict(policy.NEW, triplet=Triplet(NET, f"x{i}@e.example", "b@localhost")),
+                   T + 20, MAX_AGE) for i in range(300)]
+    decisions += [(verdict(policy.NEW, triplet=Triplet(NET, "x7@e.example", "b@localhost")),
+                   T + 25, MAX_AGE),
+                  (verdict(policy.NEW, triplet=t2), T + 30, MAX_AGE),
+                  (verdict(policy.PASS, ACCEPT, "passed", triplet=t1), T + 400, MAX_AGE),
+                  (verdict(policy.RESTART, reason="expired", triplet=t2), T + 9 * DAY, MAX_AGE)]
+    together, alone = Store(tmp_path / "a.db"), Store(tmp_path / "b.db")
+    for s in (together, alone):
+        s.migrate()
+    together.record_many(decisions)
+    for v, now, max_age in decisions:
+        alone.record(v, now, max_age=max_age)
+    for name in ("triplets", "auto_whitelist", "counters"):
+        assert table(together, name) == table(alone, name), name
+    assert len(table(together, "triplets")) == 302
+    assert together.seen(Triplet(NET, "x7@e.example", "b@localhost")).first == T + 25
+
+
+def test_the_recorder_commits_concurrent_sessions_together(path):
+    pool = StorePool(path)
+    pool.open()
+    commits = []
+    pool_connection = pool.connection
+
+    def counting_connection():
+        commits.append(1)
+        return pool_connection()
+    pool.connection = counting_connection
+    barrier = threading.Barrier(20)
+
+    def session(i):
+        barrier.wait()
+        for j in range(25):
+            t = Triplet(NET, f"s{i}@sender.example", f"r{j}@localhost")
+            pool.record(verdict(policy.NEW, triplet=t), T, max_age=MAX_AGE)
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    with pool_connection() as store:
+        assert len(table(store, "triplets")) == 500
+        assert counters(store) == {(HOUR_OF_T, GREYLIST, "new"): 500}
+    assert len(commits) < 500          # some sessions' verdicts shared a transaction
+    pool.close()
+
+
+def test_a_failed_batch_is_every_waiters_error_and_the_next_one_is_written(path):
+    pool = StorePool(path)
+    pool.open()
+    locker = raw(path)
+    locker.execute("PRAGMA busy_timeout = 0")
+    locker.execute("BEGIN IMMEDIATE")         # the write lock, held past greyd's busy timeout
+    errors = []
+
+    def session(i):
+        t = Triplet(NET, f"s{i}@sender.example", "bob@localhost")
+        try:
+            pool.record(verdict(policy.NEW, triplet=t), T, max_age=MAX_AGE)
+        except sqlite3.OperationalError as error:
+            errors.append(str(error))
+    original, storage.BUSY_TIMEOUT = storage.BUSY_TIMEOUT, 0.2
+    try:
+        pool.close()
+        threads = [threading.Thread(target=session, args=(i,)) for i in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+    finally:
+        storage.BUSY_TIMEOUT = original
+        locker.execute("ROLLBACK")
+    assert len(errors) == 5 and all("locked" in e for e in errors), errors
+    pool.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    with pool.connection() as store:
+        assert store.seen(TRIPLET) == Seen(first=T, last=T, passed=None)
+    pool.close()
+    locker.close()
