@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import re
 import sys
+import threading
+import time
 from pathlib import Path
 
 LOGGER = "greyd"
@@ -33,6 +36,10 @@ def fields(**values: object) -> str:
 
 def setup(config, *, stderr: bool) -> logging.Logger:
     """Attach the handlers [log] asks for; replaces any earlier ones (reload)."""
+    # greyd's lines name no source file, thread or process name: logging need
+    # not look them up for every line.
+    logging._srcfile = None
+    logging.logThreads = logging.logMultiprocessing = False
     logger = logging.getLogger(LOGGER)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
@@ -58,8 +65,87 @@ def setup(config, *, stderr: bool) -> logging.Logger:
         logger.addHandler(handler)
     for handler in handlers:
         handler.setFormatter(formatter)
-        logger.addHandler(handler)
+    logger.addHandler(Batched(handlers, formatter))
     return logger
+
+
+class Batched(logging.Handler):
+    """The file and stderr handlers, written to by one thread, many lines a write.
+
+    A line is formatted where it is logged (its time and pid are exact) and
+    queued; a moment later (DELAY) one thread writes whatever has queued to
+    each handler's stream in one write and one flush. Sessions thus never wait
+    on the log file or on each other for it. Closing (a reload, a stop, the
+    process's exit) and forking write what is queued first.
+    """
+
+    DELAY = 0.02
+
+    def __init__(self, targets: list[logging.StreamHandler], formatter: logging.Formatter):
+        super().__init__(min((t.level for t in targets), default=logging.NOTSET))
+        self.targets = targets
+        self.setFormatter(formatter)
+        self._reset()
+        os.register_at_fork(before=self.flush, after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._lines: list[tuple[int, str]] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (record.levelno, self.format(record) + "\n")
+        except Exception:       # noqa: BLE001 - logging must not break a session
+            self.handleError(record)
+            return
+        with self._cond:
+            if self._closed:
+                self._write([line])
+                return
+            self._lines.append(line)
+            if len(self._lines) == 1:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="log", daemon=True)
+                    self._thread.start()
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lines and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            time.sleep(self.DELAY)          # let the lines of this moment gather
+            self.flush()
+
+    def flush(self) -> None:
+        with self._cond:
+            lines, self._lines = self._lines, []
+            self._write(lines)
+
+    def _write(self, lines: list[tuple[int, str]]) -> None:
+        for target in self.targets:
+            text = "".join(line for level, line in lines if level >= target.level)
+            if not text:
+                continue
+            with target.lock:
+                try:
+                    target.stream.write(text)
+                    target.stream.flush()
+                except (OSError, ValueError):
+                    pass        # a full disk or a closed stderr must not stop the daemon
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.flush()
+        for target in self.targets:
+            target.close()
+        super().close()
 
 
 def _file_handler(path: Path, level: int) -> logging.Handler:

@@ -7,6 +7,7 @@ Replies from the upstream MTA are wrapped in `Reply` unchanged (see
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 
@@ -39,12 +40,18 @@ class Reply(NamedTuple):
 
     def encode(self) -> bytes:
         """The reply as it goes on the wire, RFC 5321 4.2.1 multi-line form."""
-        last = len(self.lines) - 1
-        out = []
-        for i, line in enumerate(self.lines):
-            sep = " " if i == last else "-"
-            out.append(f"{self.code}{sep}{line}\r\n" if line else f"{self.code}{sep}\r\n")
-        return "".join(out).encode("utf-8", "replace")
+        return _encoded(self)
+
+
+@lru_cache(maxsize=256)
+def _encoded(reply: Reply) -> bytes:
+    """Reply.encode, kept for the replies said over and over (most are constants)."""
+    last = len(reply.lines) - 1
+    out = []
+    for i, line in enumerate(reply.lines):
+        sep = " " if i == last else "-"
+        out.append(f"{reply.code}{sep}{line}\r\n" if line else f"{reply.code}{sep}\r\n")
+    return "".join(out).encode("utf-8", "replace")
 
 
 def _printable(line: str) -> str:

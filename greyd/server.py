@@ -2,7 +2,8 @@
 
 One `Listener` (a ThreadingTCPServer) per listen address, all sharing one
 `Context` and one `Admission` (the connection limits). A thread per client
-runs its Session. `Daemon` binds everything, serves, and stops gracefully:
+runs its Session; the threads take their clients from accept() themselves
+(`Listener.serve`). `Daemon` binds everything, serves, and stops gracefully:
 no new connections, sessions with no transaction under way are told
 421 4.3.2 at once, the others get up to `grace` seconds to finish, then the
 rest are told 421 4.3.2 too.
@@ -16,9 +17,9 @@ import socketserver
 import struct
 import threading
 import time
-from collections import Counter
 
-from . import log, replies
+from . import log
+from .admission import Admission, LocalCounts, SharedCounts
 from .config import format_hostport
 from .smtp import Context, Session
 from .store import StorePool
@@ -26,63 +27,9 @@ from .store import StorePool
 GRACE = 30.0           # seconds sessions may finish after a stop (SPEC §3)
 REFUSE_TIMEOUT = 2.0   # bound on writing a 421 to a refused connection
 READ_BUFFER = 16384
-
-
-class Admission:
-    """Counts open sessions, overall and per client address, against the limits."""
-
-    def __init__(self, max_connections: int, per_client: int):
-        self.max_connections, self.per_client = max_connections, per_client
-        self.by_client: Counter[str] = Counter()
-        self.sockets: dict[socket.socket, str] = {}
-        self.sessions: dict[socket.socket, Session] = {}
-        self._cond = threading.Condition()
-
-    def under_pressure(self) -> bool:
-        """True when 80 % of max_connections are in use."""
-        return len(self.sockets) >= 0.8 * self.max_connections
-
-    def attach(self, sock: socket.socket, session: Session) -> None:
-        with self._cond:
-            self.sessions[sock] = session
-
-    def admit(self, sock: socket.socket, client: str) -> replies.Reply | None:
-        """None when the session may start, else the 421 to send."""
-        with self._cond:
-            if len(self.sockets) >= self.max_connections:
-                return replies.TOO_MANY_CONNECTIONS
-            if self.by_client[client] >= self.per_client:
-                return replies.TOO_MANY_FROM_CLIENT
-            self.sockets[sock] = client
-            self.by_client[client] += 1
-            return None
-
-    def release(self, sock: socket.socket) -> None:
-        with self._cond:
-            self.sessions.pop(sock, None)
-            client = self.sockets.pop(sock, None)
-            if client is not None:
-                self.by_client[client] -= 1
-                if not self.by_client[client]:
-                    del self.by_client[client]
-                self._cond.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: not self.sockets, timeout)
-
-    def interrupt(self, only_idle: bool = False) -> None:
-        """Make sessions' pending reads return end-of-file (all, or those
-        with no transaction under way); they answer 421 4.3.2 and close."""
-        with self._cond:
-            for sock in list(self.sockets):
-                session = self.sessions.get(sock)
-                if only_idle and (session is None or not session.idle):
-                    continue
-                try:
-                    sock.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
+IDLE_THREADS = 16      # threads waiting in accept() per listener after a burst; more exit
+IDLE_TIMEOUT = 2.0     # seconds a surplus waiting thread stays without a client
+ACCEPT_PAUSE = 0.05    # seconds before accept() is tried again after it failed
 
 
 def peer_ip(address) -> str:
@@ -167,7 +114,14 @@ class Listener(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], ctx: Context, admission: Admission):
+    def __init__(self, address: tuple[str, int], ctx: Context, admission: Admission,
+                 reuse_port: bool = False):
+        # Several workers each bind their own socket to the address (SO_REUSEPORT),
+        # and the kernel spreads the connections among them.
+        self.allow_reuse_port = reuse_port
+        self._lock = threading.Lock()
+        self._waiting = 0           # threads in (or on their way to) accept()
+        self._closing = False
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.ctx, self.admission = ctx, admission
         super().__init__(address, Handler, bind_and_activate=False)
@@ -179,6 +133,68 @@ class Listener(socketserver.ThreadingTCPServer):
         except BaseException:
             self.server_close()
             raise
+
+    # -- serving: threads that accept their own clients -----------------------
+
+    def serve(self) -> None:
+        """Start serving: one thread waits in accept(); whenever it admits a
+        client, it first makes sure another thread waits (starting one if
+        none does), then runs the session, then goes back to accept().
+
+        Each client still has a thread of its own for its whole session, as
+        with ThreadingMixIn; but no listener thread polls, accepts and hands
+        over, and a busy daemon starts no thread per connection: under load
+        that was much of a deferred session's cost (scripts/bench). Threads
+        left waiting after a burst leave once IDLE_TIMEOUT passes with no
+        client (the kernel's SO_RCVTIMEO bounds accept()), down to one.
+        """
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(IDLE_TIMEOUT))
+        with self._lock:
+            self._waiting += 1
+        self._spawn()
+
+    def _spawn(self) -> None:
+        threading.Thread(target=self._accept_loop, name="session", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                request, client_address = self.get_request()
+            except BlockingIOError:             # IDLE_TIMEOUT without a client
+                with self._lock:
+                    if self._closing or self._waiting > 1:
+                        self._waiting -= 1
+                        return
+                continue
+            except OSError:
+                if self._closing:
+                    return
+                time.sleep(ACCEPT_PAUSE)        # EMFILE, ENOBUFS: let sessions end first
+                continue
+            if not self.verify_request(request, client_address):
+                self.shutdown_request(request)  # refused: no session, no new thread
+                continue
+            with self._lock:
+                self._waiting -= 1
+                spawn = not self._waiting and not self._closing
+                self._waiting += spawn
+            if spawn:
+                self._spawn()
+            self.process_request_thread(request, client_address)
+            request = client_address = None     # the session's objects go now, not later
+            with self._lock:
+                if self._closing or self._waiting >= IDLE_THREADS:
+                    return
+                self._waiting += 1
+
+    def stop_accepting(self) -> None:
+        """No new clients: the threads waiting in accept() return (sessions go on)."""
+        with self._lock:
+            self._closing = True
+        try:
+            self.socket.shutdown(socket.SHUT_RD)    # wakes every accept() with EINVAL
+        except OSError:
+            pass
 
     def verify_request(self, request, client_address) -> bool:
         refusal = self.admission.admit(request, peer_ip(client_address))
@@ -201,16 +217,20 @@ class Listener(socketserver.ThreadingTCPServer):
 class Daemon:
     """Every listener of one greyd process, started and stopped together."""
 
-    def __init__(self, ctx: Context, grace: float = GRACE):
+    def __init__(self, ctx: Context, grace: float = GRACE,
+                 counts: LocalCounts | SharedCounts | None = None):
+        """`counts` shared with the other workers of a daemon (server.workers > 1),
+        whose listeners then share their addresses."""
         server = ctx.config.server
         self.ctx, self.grace = ctx, grace
-        self.admission = Admission(server.max_connections, server.max_connections_per_client)
+        self.admission = Admission(server.max_connections, server.max_connections_per_client,
+                                   counts)
         ctx.under_pressure = self.admission.under_pressure
         self.listeners: list[Listener] = []
-        self._threads: list[threading.Thread] = []
         try:
             for address in server.listen:
-                self.listeners.append(Listener(address, ctx, self.admission))
+                self.listeners.append(Listener(address, ctx, self.admission,
+                                               reuse_port=isinstance(counts, SharedCounts)))
         except BaseException:
             self.close()
             raise
@@ -221,10 +241,7 @@ class Daemon:
 
     def start(self) -> None:
         for listener in self.listeners:
-            thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.2},
-                                      name=f"listen-{listener.server_address[1]}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            listener.serve()
         self.ctx.logger.info("listening %s", log.fields(
             addresses=",".join(format_hostport(h, p) for h, p in self.addresses)))
 
@@ -233,7 +250,7 @@ class Daemon:
         self.ctx.logger.info("stopping %s", log.fields(sessions=len(self.admission.sockets)))
         self.ctx.stopping.set()
         for listener in self.listeners:
-            listener.shutdown()
+            listener.stop_accepting()
         self.close()
         self.admission.interrupt(only_idle=True)
         if not self.admission.wait_idle(self.grace):

@@ -11,9 +11,10 @@ client greets, and collected once, at the first recipient.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
-import secrets
 import socket
 import sqlite3
 import threading
@@ -63,6 +64,21 @@ class StoreHealth:
                 self._logger.warning("store recovered")
 
 
+def _reseed() -> None:
+    global _session_ids
+    _session_ids = itertools.count(int.from_bytes(os.urandom(5), "big"))
+
+
+def new_session_id() -> str:
+    """Ten hex digits naming a session in the log: a counter from a random start
+    per process (forked workers start anew), so no system call per session."""
+    return f"{next(_session_ids) & 0xFF_FFFF_FFFF:010x}"
+
+
+_reseed()
+os.register_at_fork(after_in_child=_reseed)
+
+
 @dataclass
 class Context:
     """What every session of one daemon shares: settings, store pool, clock, DNS.
@@ -109,7 +125,7 @@ class Session:
         self.client = client
         # expect(seconds): what is read next must arrive whole within that time.
         self.rfile, self._send, self._expect = rfile, send, expect
-        self.id = secrets.token_hex(5)
+        self.id = new_session_id()
         self.helo: str | None = None
         self.esmtp = False
         self.envelope: Envelope | None = None
@@ -345,10 +361,12 @@ class Session:
                                  helo=self.helo or "", client_name=facts.name,
                                  dnswl=facts.dnswl, dnsbl=facts.dnsbl)
         now = self.ctx.clock()
+        rules = self.ctx.rules
         try:
             with self.ctx.pool.connection() as store:
-                verdict = policy.decide(request, self.ctx.rules, store, now)
-                store.record(verdict, now, max_age=self.ctx.rules.max_age)
+                facts = store.facts(*policy.keys(request, rules))
+                verdict = policy.decide(request, rules, facts, now)
+            self.ctx.pool.record(verdict, now, max_age=rules.max_age)
             self.ctx.store_health.ok()
         except sqlite3.Error as error:
             self.ctx.store_health.failed(error)

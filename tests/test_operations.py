@@ -221,6 +221,10 @@ def test_logrotate_rotates_and_greyd_writes_to_the_new_file(detached, tmp_path, 
     conf.write_text(rules)
     assert greyd("start", config=detached).returncode == 0
     deliver(port, "before@example.net", "b@localhost")
+    deadline = time.monotonic() + 10          # log lines are written a moment later, in batches
+    while "from=before@example.net" not in logfile.read_text():
+        assert time.monotonic() < deadline, "the decision was never logged"
+        time.sleep(0.05)
     rotate = subprocess.run(["logrotate", "--force", "--state", str(tmp_path / "lr.state"), str(conf)],
                             capture_output=True, text=True, timeout=60)
     assert rotate.returncode == 0, rotate.stderr
