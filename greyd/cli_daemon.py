@@ -8,6 +8,7 @@ records when it started and where it listens, for `status`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,11 +20,13 @@ from pathlib import Path
 import click
 
 from . import config as configuration, log
+from .admission import SharedCounts
 from .clitools import GreydError, echo_json, load_config
 from .daemonize import Pidfile, alive, detach, drop_privileges, lookup_user
 from .server import GRACE, Daemon
 from .smtp import Context
 from .store import StorePool
+from .workers import WATCH, Workers, master_alive
 
 STOP_WAIT = GRACE + 15.0    # seconds `greyd stop` waits for the exit
 
@@ -55,11 +58,20 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
     except OSError as error:
         raise GreydError(f"cannot open log file: {error}") from None
     pool = _open_pool(config)
+    workers = config.server.workers
+    counts = SharedCounts(workers) if workers > 1 else None
+    daemons: list[Daemon] = []
     try:
-        daemon = Daemon(Context(config, pool, logger=logger))
+        for _ in range(workers):
+            daemons.append(Daemon(Context(config, pool, logger=logger), counts=counts))
+            # The others bind where the first did (a port 0 is now a real one).
+            config = _bound(config, daemons[0].addresses)
     except OSError as error:
+        for bound in daemons:
+            bound.close()
         listen_text = ", ".join(configuration.format_hostport(*a) for a in config.server.listen)
         raise GreydError(f"cannot listen on {listen_text}: {error.strerror or error}") from None
+    daemon = daemons[0]
     notify = None if foreground else detach()
     try:
         pidfile.write()
@@ -75,10 +87,19 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
         listening = ", ".join(configuration.format_hostport(*a) for a in daemon.addresses)
         notify("", f"greyd started (pid {os.getpid()}), listening on {listening}")
     try:
-        serve(daemon, signals, lambda: _reloaded(config, listen, foreground, daemon))
+        if counts is None:
+            serve(daemon, signals, lambda: _reloaded(config, listen, foreground, daemon))
+        else:
+            supervise(Workers(daemons, counts, _worker(config, listen, foreground, signals),
+                              logger), signals, lambda: _reopen_logs(config, foreground))
     finally:
         pidfile.remove()
         state_path(config).unlink(missing_ok=True)
+
+
+def _bound(config: configuration.Config, addresses) -> configuration.Config:
+    server = dataclasses.replace(config.server, listen=tuple(tuple(a) for a in addresses))
+    return dataclasses.replace(config, server=server)
 
 
 def _with_listen(config: configuration.Config, listen) -> configuration.Config:
@@ -144,16 +165,58 @@ class Signals:
         self.wake.set()
 
 
-def serve(daemon: Daemon, signals: Signals, reload) -> None:
-    """Serve until a stop signal; reload on SIGHUP; then stop gracefully."""
+def serve(daemon: Daemon, signals: Signals, reload, alive=None) -> None:
+    """Serve until a stop signal (or until `alive()` turns False); reload on
+    SIGHUP; then stop gracefully."""
     daemon.start()
     while not signals.stop:
-        signals.wake.wait()
+        signals.wake.wait(None if alive is None else WATCH)
         signals.wake.clear()
+        if alive is not None and not alive():
+            daemon.ctx.logger.error("master process gone, stopping")
+            break
         if signals.reload and not signals.stop:
             signals.reload = False
             reload()
     daemon.stop()
+
+
+def supervise(workers: Workers, signals: Signals, reopen_logs) -> None:
+    """The master (server.workers > 1): start the workers, pass SIGHUP on to
+    them, replace one that died; on a stop signal, stop them all gracefully."""
+    for number in range(len(workers.daemons)):
+        workers.start(number)
+    while not signals.stop:
+        signals.wake.wait(WATCH)
+        signals.wake.clear()
+        if signals.reload and not signals.stop:
+            signals.reload = False
+            reopen_logs()
+            workers.signal(signal.SIGHUP)
+        workers.reap(restart=not signals.stop)
+    workers.stop()
+
+
+def _worker(config: configuration.Config, listen, foreground: bool, signals: Signals):
+    """What a forked worker runs: its Daemon, served as a single-process greyd
+    serves, stopping with the master. It keeps the master's signal handlers
+    and flags (a signal that came during the fork is not lost)."""
+    master = os.getpid()
+
+    def run(daemon: Daemon) -> None:
+        signals.wake = threading.Event()
+        signals.reload = False
+        serve(daemon, signals, lambda: _reloaded(config, listen, foreground, daemon),
+              alive=lambda: master_alive(master))
+    return run
+
+
+def _reopen_logs(config: configuration.Config, foreground: bool) -> None:
+    """The master's part of a reload: its own log files reopened (logrotate)."""
+    try:
+        log.setup(config.log, stderr=foreground)
+    except OSError:
+        pass            # the workers, reloading, report it
 
 
 def _reloaded(first: configuration.Config, listen, foreground: bool, daemon: Daemon) -> None:

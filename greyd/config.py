@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
 import re
 import socket
 import tomllib
@@ -27,6 +28,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SYSTEM_CONFIG = Path("/etc/greyd/greyd.toml")
 MAX_DURATION = 10 * 365 * 86400  # ten years: a sane ceiling, far below timeout overflow
+MAX_WORKERS = 64                 # server.workers: processes, far more than a small host has cores
 
 _DURATION = re.compile(r"([0-9]+)([smhd]?)", re.ASCII)
 _SIZE = re.compile(r"([0-9]+)([bkmg]?)", re.ASCII | re.IGNORECASE)
@@ -153,6 +155,15 @@ def _integer(low: int, high: int | None = None) -> Callable[[Any, str], int]:
     return convert
 
 
+def _workers(value: Any, key: str) -> int:
+    """A number of processes, or "auto": one per CPU the daemon may run on."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if not _is_int(value) or not 1 <= value <= MAX_WORKERS:
+        raise _fail(key, f'must be "auto" or an integer from 1 to {MAX_WORKERS}', value)
+    return value
+
+
 def _boolean(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise _fail(key, "must be true or false", value)
@@ -270,6 +281,7 @@ class ServerConfig:
     max_errors: int = _key(10, _integer(1))
     bare_newlines: str = _key("normalize", _choice("normalize", "reject"))
     pidfile: Path = _key(Path("var/greyd.pid"), _path(optional=False))
+    workers: int = _key(1, _workers)
 
 
 @dataclass(frozen=True)

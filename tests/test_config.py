@@ -3,6 +3,7 @@
 import dataclasses
 import ipaddress
 import json
+import os
 import socket
 import tomllib
 from pathlib import Path
@@ -246,7 +247,7 @@ WRONG_TYPES = [
     ("server", "command_timeout", "1.5"), ("server", "data_timeout", "true"),
     ("server", "max_message_size", "1.5"), ("server", "max_recipients", '"x"'),
     ("server", "max_errors", "false"), ("server", "bare_newlines", "1"),
-    ("server", "pidfile", "1"),
+    ("server", "pidfile", "1"), ("server", "workers", "true"), ("server", "workers", '"2"'),
     ("upstream", "host", "1"), ("upstream", "port", '"10025"'), ("upstream", "port", "true"),
     ("upstream", "timeout", "false"), ("upstream", "starttls", "1"),
     ("upstream", "starttls", '"yes"'), ("upstream", "xclient", "true"),
@@ -289,6 +290,7 @@ IMPOSSIBLE = [
     ("server", "hostname", '"' + "a" * 256 + '"'), ("server", "banner", '"greyd\\r\\n250 ok"'),
     ("server", "banner", '"' + "b" * 256 + '"'), ("server", "user", '"mail user"'),
     ("server", "pidfile", '""'), ("server", "pidfile", '"var/\\u0000pid"'),
+    ("server", "workers", "0"), ("server", "workers", "65"), ("server", "workers", '"many"'),
     ("upstream", "port", "0"), ("upstream", "port", "65536"), ("upstream", "timeout", "0"),
     ("upstream", "xclient", '"always"'), ("upstream", "host", '""'),
     ("upstream", "host", '"mx .example"'), ("upstream", "host", '"::g"'),
@@ -595,3 +597,10 @@ file = ""
     again = config.load(copy)
     assert again.as_dict() == original.as_dict()
     assert dataclasses.replace(again, root=original.root, source=original.source) == original
+
+
+def test_workers_default_to_one_and_auto_is_one_per_usable_cpu(tmp_path):
+    assert load_text(tmp_path, "").server.workers == 1
+    assert load_text(tmp_path, "[server]\nworkers = 3\n").server.workers == 3
+    assert load_text(tmp_path, '[server]\nworkers = "auto"\n').server.workers == \
+        len(os.sched_getaffinity(0))

@@ -1,0 +1,116 @@
+"""server.workers > 1: one master process and its forked workers.
+
+Python runs one thread at a time per process, so one process serves a few
+hundred sessions a second however many cores the host has. With workers,
+the master binds one listening socket per worker and address (SO_REUSEPORT:
+the kernel spreads new connections among them), drops privileges, and forks
+the workers; each is an ordinary daemon (`server.Daemon`) of its own, with
+its own store connections, sharing the WAL database and the connection
+limits (`admission.SharedCounts`) with the others.
+
+The master serves no client. It forwards SIGHUP (reload, log files reopened)
+and SIGTERM (graceful stop) to the workers, waits for them to finish, and
+replaces a worker that died, clearing its connection counts first. A worker
+whose master is gone stops by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Callable
+
+from . import log
+from .admission import SharedCounts
+from .server import GRACE, Daemon
+
+RESTART_PAUSE = 1.0     # seconds between restarts of the same worker
+WATCH = 0.5             # seconds between the master's looks at its workers
+STOP_MARGIN = 10.0      # seconds past the grace before workers are killed
+
+
+class Workers:
+    """The master's view: one Daemon (bound, not started) per worker."""
+
+    def __init__(self, daemons: list[Daemon], counts: SharedCounts,
+                 run_worker: Callable[[Daemon], None], logger: logging.Logger):
+        self.daemons, self.counts, self.logger = daemons, counts, logger
+        self.run_worker = run_worker          # serves until a stop; runs in the child
+        self.pids: dict[int, int] = {}        # pid -> worker number
+        self.started: dict[int, float] = {}   # worker number -> last start
+
+    def start(self, number: int) -> None:
+        pause = self.started.get(number, 0.0) + RESTART_PAUSE - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        self.started[number] = time.monotonic()
+        pid = os.fork()
+        if pid == 0:                          # the worker
+            status = 1
+            try:
+                self.counts.use(number)
+                for other, daemon in enumerate(self.daemons):
+                    if other != number:
+                        daemon.close()
+                self.run_worker(self.daemons[number])
+                status = 0
+            except BaseException:             # noqa: B902 - logged, then the worker exits
+                self.logger.exception("worker failed %s", log.fields(worker=number))
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        self.pids[pid] = number
+
+    def reap(self, restart: bool) -> None:
+        """Collect workers that exited; replace them unless stopping."""
+        while self.pids:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.pids.clear()
+                return
+            if pid == 0:
+                return
+            number = self.pids.pop(pid, None)
+            if number is None:
+                continue
+            self.counts.clear(number)
+            if restart:
+                self.logger.error("worker exited, restarting it %s", log.fields(
+                    worker=number, pid=pid, status=_describe(status)))
+                self.start(number)
+
+    def signal(self, signum: int) -> None:
+        for pid in list(self.pids):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, grace: float = GRACE) -> None:
+        """SIGTERM to every worker; wait for their graceful stop, then kill."""
+        self.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace + STOP_MARGIN
+        while self.pids and time.monotonic() < deadline:
+            self.reap(restart=False)
+            time.sleep(0.05)
+        if self.pids:
+            self.logger.error("workers did not stop in time, killing them %s",
+                              log.fields(pids=",".join(map(str, self.pids))))
+            self.signal(signal.SIGKILL)
+            while self.pids:
+                self.reap(restart=False)
+                time.sleep(0.05)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+def master_alive(master: int) -> bool:
+    """False once the master is gone (the worker has been re-parented)."""
+    return os.getppid() == master

@@ -1,0 +1,152 @@
+"""server.workers > 1: a master and forked workers sharing the port, the
+database and the connection limits (the real `greyd` command, real sockets,
+a real upstream, a real SQLite file)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from smtpclient import Raw
+from test_daemon import DELAY, Foreground, config_for, deliver, greyd, wait_listening
+
+pytestmark = pytest.mark.timeout(90)
+WORKERS = 2
+
+
+def children(pid: int) -> set[int]:
+    return {int(task) for task in
+            Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def wait_for(condition, timeout: float = 10, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return result
+
+
+def serving_pids(log: str) -> set[int]:
+    return {int(pid) for pid in re.findall(r"greyd\[(\d+)\]: INFO session end ", log)}
+
+
+@pytest.fixture
+def workers_config(tmp_path, upstream, port):
+    return config_for(tmp_path, upstream.port, port,
+                      server={"workers": WORKERS, "max_connections_per_client": 3},
+                      log={"file": str(tmp_path / "var/log/greyd.log")})
+
+
+def test_workers_share_the_port_the_database_and_stop_with_the_master(
+        tmp_path, workers_config, port, upstream):
+    with Foreground(workers_config) as daemon:
+        wait_listening(port)
+        master = daemon.proc.pid
+        workers = wait_for(lambda: len(children(master)) == WORKERS and children(master),
+                           what="the workers")
+        first = deliver(port, "alice@example.net", "bob@localhost")[0]
+        # Many sessions: the kernel spreads them over both workers.
+        for i in range(40):
+            deliver(port, f"s{i}@example.net", f"r{i}@localhost")
+        time.sleep(DELAY + 0.2)
+        passed = deliver(port, "alice@example.net", "bob@localhost", b"Subject: x\r\n\r\nx\r\n")
+        assert daemon.stop() == 0
+    assert first[0] == 451
+    assert passed[0] == (250, b"2.1.5 OK") and passed[1][0] == 250
+    assert len(upstream.messages) == 1
+    log = (tmp_path / "var/log/greyd.log").read_text()
+    assert serving_pids(log) == workers                 # both served; the master none
+    assert log.count("INFO stopped") == WORKERS
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists()
+    assert not (tmp_path / "var/greyd.pid").exists()
+
+
+def test_the_per_client_limit_holds_across_workers(workers_config, port):
+    with Foreground(workers_config) as daemon:
+        wait_listening(port)
+        wait_for(lambda: len(children(daemon.proc.pid)) == WORKERS, what="the workers")
+        held = [Raw(port) for _ in range(3)]
+        try:
+            for client in held:
+                assert client.greeting[0] == 220
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as fourth:
+                assert fourth.recv(200).startswith(b"421 4.7.0 ")
+            held.pop().close()
+            # a slot is free again, whichever worker it was counted in
+            replacement = wait_for(lambda: _greeted(port), what="a free slot")
+            held.append(replacement)
+        finally:
+            for client in held:
+                client.close()
+        assert daemon.stop() == 0
+
+
+def _greeted(port: int) -> Raw | None:
+    client = Raw(port)
+    if client.greeting[0] == 220:
+        return client
+    client.close()
+    return None
+
+
+def test_a_dead_worker_is_replaced_and_its_connections_uncounted(workers_config, port, tmp_path):
+    with Foreground(workers_config) as daemon:
+        wait_listening(port)
+        master = daemon.proc.pid
+        before = wait_for(lambda: len(children(master)) == WORKERS and children(master),
+                          what="the workers")
+        held = [Raw(port) for _ in range(3)]        # the client's whole allowance
+        for client in held:
+            assert client.greeting[0] == 220
+        for pid in before:
+            os.kill(pid, signal.SIGKILL)
+        after = wait_for(lambda: len(children(master)) == WORKERS and
+                         not children(master) & before and children(master),
+                         what="new workers")
+        for client in held:
+            client.close()
+        # The killed workers' three connections no longer count against the client.
+        fresh = [wait_for(lambda: _greeted(port), what="a greeting") for _ in range(3)]
+        for client in fresh:
+            client.close()
+        assert deliver(port, "a@example.net", "b@localhost")[0][0] == 451
+        assert daemon.stop() == 0
+    log = (tmp_path / "var/log/greyd.log").read_text()
+    assert log.count("worker exited, restarting it") == WORKERS
+    assert serving_pids(log) <= before | after
+
+
+def test_reload_reaches_every_worker(workers_config, port, tmp_path):
+    with Foreground(workers_config) as daemon:
+        wait_listening(port)
+        wait_for(lambda: len(children(daemon.proc.pid)) == WORKERS, what="the workers")
+        assert deliver(port, "a@example.net", "b@new.example")[0][0] == 550
+        workers_config.write_text(workers_config.read_text().replace(
+            'domains = ["localhost", "example.org"]', 'domains = ["new.example"]'))
+        assert greyd("reload", config=workers_config).returncode == 0
+        log = tmp_path / "var/log/greyd.log"
+        wait_for(lambda: log.read_text().count("INFO reloaded ") == WORKERS, what="reloads")
+        # Every worker now relays for the new domain (sessions land on both).
+        assert {deliver(port, f"s{i}@example.net", f"r{i}@new.example")[0][0]
+                for i in range(20)} == {451}
+        assert daemon.stop() == 0
+
+
+def test_a_worker_whose_master_is_gone_stops(workers_config, port):
+    with Foreground(workers_config) as daemon:
+        wait_listening(port)
+        workers = wait_for(lambda: len(children(daemon.proc.pid)) == WORKERS and
+                           children(daemon.proc.pid), what="the workers")
+        daemon.proc.kill()
+        daemon.proc.wait()
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and
+                                 "zombie" not in Path(f"/proc/{pid}/status").read_text()
+                                 for pid in workers), what="the workers to stop")
