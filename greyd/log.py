@@ -90,7 +90,8 @@ class Batched(logging.Handler):
 
     def _reset(self) -> None:
         self._lines: list[tuple[int, str]] = []
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
+        self._writing = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -101,15 +102,17 @@ class Batched(logging.Handler):
             self.handleError(record)
             return
         with self._cond:
-            if self._closed:
-                self._write([line])
+            if not self._closed:
+                self._lines.append(line)
+                if len(self._lines) == 1:
+                    if self._thread is None:
+                        self._thread = threading.Thread(target=self._run, name="log",
+                                                        daemon=True)
+                        self._thread.start()
+                    self._cond.notify()
                 return
-            self._lines.append(line)
-            if len(self._lines) == 1:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="log", daemon=True)
-                    self._thread.start()
-                self._cond.notify()
+        with self._writing:             # closed: at once, as a plain handler would
+            self._write([line])
 
     def _run(self) -> None:
         while True:
@@ -121,9 +124,17 @@ class Batched(logging.Handler):
             time.sleep(self.DELAY)          # let the lines of this moment gather
             self.flush()
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        # emit() takes its own short lock: no handler-wide lock around it.
+        if not self.filter(record):
+            return False
+        self.emit(record)
+        return True
+
     def flush(self) -> None:
         with self._cond:
             lines, self._lines = self._lines, []
+        with self._writing:             # in order, but not while sessions wait to queue
             self._write(lines)
 
     def _write(self, lines: list[tuple[int, str]]) -> None:

@@ -57,8 +57,7 @@ class Connection(io.RawIOBase):
     SLACK = 0.5
 
     def __init__(self, sock: socket.socket, send_timeout: float):
-        self.sock = sock
-        sock.settimeout(None)
+        self.sock = sock                # blocking: accepted from a listener without a timeout
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send_timeout))
         self.deadline = time.monotonic() + send_timeout
         self._armed = 0.0           # the receive timeout the kernel has now
@@ -210,8 +209,10 @@ class Listener(socketserver.ThreadingTCPServer):
         return False
 
     def shutdown_request(self, request) -> None:
+        # close() alone sends the FIN: socketserver's shutdown(SHUT_WR) first is
+        # for forked handlers that share the socket, which greyd has none of.
         self.admission.release(request)
-        super().shutdown_request(request)
+        self.close_request(request)
 
 
 class Daemon:

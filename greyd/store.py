@@ -431,7 +431,8 @@ class StorePool:
         self._lent: Counter[int] = Counter()   # borrowed connections by generation
         self._generation = 0                    # counts the files seen at the path
         self._file: tuple | None | object = _UNSEEN
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
+        self._looks = self._applied = 0         # file looks begun, and the latest applied
         self.recorder = Recorder(self)          # the sessions' writes, group-committed
 
     def record(self, verdict: Verdict, now: float, *, max_age: int) -> None:
@@ -464,8 +465,16 @@ class StorePool:
             self._give_back(store, generation, healthy)
 
     def _borrow(self) -> tuple[Store, int]:
+        # The stat releases the GIL: not while holding the lock the other
+        # sessions need. Of two looks, only the later-begun one is applied.
         with self._cond:
-            self._look(file_state(self.path))
+            self._looks += 1
+            look = self._looks
+        state = file_state(self.path)
+        with self._cond:
+            if look > self._applied:
+                self._applied = look
+                self._look(state)
             generation = self._generation
             self._lent[generation] += 1
             if self._idle:
