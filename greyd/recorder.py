@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from .policy import Verdict
 
 if TYPE_CHECKING:
-    from .store import StorePool
+    from .store import Store, StorePool
 
 WAIT_LIMIT = 20.0       # seconds a session waits for its batch at most (4 busy timeouts)
 
@@ -45,9 +45,11 @@ class Recorder:
         self._queue: list[_Pending] = []
         self._writing = False                 # a batch is being written now
 
-    def record(self, verdict: Verdict, now: float, *, max_age: int) -> None:
+    def record(self, verdict: Verdict, now: float, *, max_age: int,
+               store: "Store | None" = None) -> None:
         """Store.record, committed with whatever else is queued; raises the
-        batch's sqlite3.Error."""
+        batch's sqlite3.Error. `store`: a connection the caller holds, used if
+        this call writes the batch (no second borrow, no second file check)."""
         pending = _Pending((verdict, now, max_age))
         with self._lock:
             self._queue.append(pending)
@@ -56,7 +58,7 @@ class Recorder:
         if not pending.leads:
             self._wait(pending)
         if pending.leads:
-            self._write()
+            self._write(store)
         if pending.error is not None:
             raise pending.error
 
@@ -73,14 +75,18 @@ class Recorder:
                 return
         pending.done.acquire()                # in a batch being written: its end is near
 
-    def _write(self) -> None:
+    def _write(self, store: "Store | None") -> None:
         """Write everything queued in one transaction, then hand the lead on."""
         with self._lock:
             batch, self._queue = self._queue, []
         error: BaseException | None = sqlite3.OperationalError("recording interrupted")
         try:
-            with self.pool.connection() as store:
-                store.record_many([p.decision for p in batch])
+            decisions = [p.decision for p in batch]
+            if store is not None:
+                store.record_many(decisions)
+            else:
+                with self.pool.connection() as borrowed:
+                    borrowed.record_many(decisions)
             error = None
         except sqlite3.Error as exc:
             error = exc

@@ -366,7 +366,7 @@ class Session:
             with self.ctx.pool.connection() as store:
                 facts = store.facts(*policy.keys(request, rules))
                 verdict = policy.decide(request, rules, facts, now)
-            self.ctx.pool.record(verdict, now, max_age=rules.max_age)
+                self.ctx.pool.record(verdict, now, max_age=rules.max_age, store=store)
             self.ctx.store_health.ok()
         except sqlite3.Error as error:
             self.ctx.store_health.failed(error)

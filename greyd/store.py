@@ -435,9 +435,11 @@ class StorePool:
         self._looks = self._applied = 0         # file looks begun, and the latest applied
         self.recorder = Recorder(self)          # the sessions' writes, group-committed
 
-    def record(self, verdict: Verdict, now: float, *, max_age: int) -> None:
-        """Store.record for a session: committed with its neighbours' (Recorder)."""
-        self.recorder.record(verdict, now, max_age=max_age)
+    def record(self, verdict: Verdict, now: float, *, max_age: int,
+               store: Store | None = None) -> None:
+        """Store.record for a session: committed with its neighbours' (Recorder),
+        on `store` (a connection the session holds) if it falls to this call."""
+        self.recorder.record(verdict, now, max_age=max_age, store=store)
 
     def open(self) -> None:
         """Create or migrate the database and check it is writable."""
