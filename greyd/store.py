@@ -227,11 +227,10 @@ class Store:
             self.conn.execute(_fresh_sql(size), [v for row in chunk for v in row])
 
     def _apply(self, verdict: Verdict, now: int, max_age: int) -> None:
+        """Every update but NEW and RESTART, which record_many inserts in runs."""
         update, t = verdict.update, verdict.triplet
         key = (t.network, t.sender, t.recipient) if t else ()
-        if update in (policy.NEW, policy.RESTART):
-            self.conn.execute(_fresh_sql(1), (*key, now, now))
-        elif update == policy.EARLY:
+        if update == policy.EARLY:
             self.conn.execute(
                 "UPDATE triplets SET last_seen = ?"
                 " WHERE network = ? AND sender = ? AND recipient = ?", (now, *key))

@@ -40,13 +40,20 @@ class Workers:
         self.run_worker = run_worker          # serves until a stop; runs in the child
         self.pids: dict[int, int] = {}        # pid -> worker number
         self.started: dict[int, float] = {}   # worker number -> last start
+        self.missing: set[int] = set()        # workers whose fork failed
 
     def start(self, number: int) -> None:
         pause = self.started.get(number, 0.0) + RESTART_PAUSE - time.monotonic()
         if pause > 0:
             time.sleep(pause)
         self.started[number] = time.monotonic()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as error:              # EAGAIN, ENOMEM: tried again by `reap`
+            self.missing.add(number)
+            self.logger.error("cannot start worker %s", log.fields(worker=number, error=error))
+            return
+        self.missing.discard(number)
         if pid == 0:                          # the worker
             status = 1
             try:
@@ -64,7 +71,11 @@ class Workers:
         self.pids[pid] = number
 
     def reap(self, restart: bool) -> None:
-        """Collect workers that exited; replace them unless stopping."""
+        """Collect workers that exited; replace them (and start those that
+        could not be forked) unless stopping."""
+        if restart:
+            for number in sorted(self.missing):
+                self.start(number)
         while self.pids:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
