@@ -114,10 +114,12 @@ class Facts(Protocol):
     def seen(self, triplet: Triplet) -> Seen | None: ...
 
 
-def decide(request: Request, rules: Rules, facts: Facts, now: float) -> Verdict:
-    """Decide one recipient; reads `facts`, changes nothing."""
+def decide(request: Request, rules: Rules, facts: Facts, now: float,
+           known_keys: tuple[str, Triplet] | None = None) -> Verdict:
+    """Decide one recipient; reads `facts`, changes nothing. `known_keys`:
+    keys(request, rules), when the caller has them already."""
     now = int(now)
-    network, triplet = keys(request, rules)
+    network, triplet = known_keys or keys(request, rules)
     verdict = relay_check(request, rules, network)
     if verdict is not None:
         return verdict

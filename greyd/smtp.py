@@ -364,8 +364,8 @@ class Session:
         rules = self.ctx.rules
         try:
             with self.ctx.pool.connection() as store:
-                facts = store.facts(*policy.keys(request, rules))
-                verdict = policy.decide(request, rules, facts, now)
+                known = policy.keys(request, rules)
+                verdict = policy.decide(request, rules, store.facts(*known), now, known)
                 self.ctx.pool.record(verdict, now, max_age=rules.max_age, store=store)
             self.ctx.store_health.ok()
         except sqlite3.Error as error:
