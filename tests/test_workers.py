@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import smtplib
 import socket
 import time
 from pathlib import Path
@@ -97,6 +98,15 @@ def _greeted(port: int) -> Raw | None:
     return None
 
 
+def _delivered(port: int) -> tuple | None:
+    """The RCPT reply of one transaction, or None when greyd said 421 at connect."""
+    try:
+        return deliver(port, "a@example.net", "b@localhost")[0]
+    except smtplib.SMTPConnectError as refused:
+        assert refused.smtp_code == 421
+        return None
+
+
 def test_a_dead_worker_is_replaced_and_its_connections_uncounted(workers_config, port, tmp_path):
     with Foreground(workers_config) as daemon:
         wait_listening(port)
@@ -117,7 +127,9 @@ def test_a_dead_worker_is_replaced_and_its_connections_uncounted(workers_config,
         fresh = [wait_for(lambda: _greeted(port), what="a greeting") for _ in range(3)]
         for client in fresh:
             client.close()
-        assert deliver(port, "a@example.net", "b@localhost")[0][0] == 451
+        # Their slots come free as their sessions see the close; then it serves on.
+        rcpt = wait_for(lambda: _delivered(port), what="a free slot")
+        assert rcpt[0] == 451
         assert daemon.stop() == 0
     log = (tmp_path / "var/log/greyd.log").read_text()
     assert log.count("worker exited, restarting it") == WORKERS
