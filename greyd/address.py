@@ -65,6 +65,8 @@ def parse(arg: str, keyword: str, *, null_ok: bool, bad: Reply) -> Path:
 
 def _closing_bracket(text: str) -> int:
     """Index of the '>' that closes the path, skipping quoted strings."""
+    if '"' not in text:
+        return text.find(">")
     quoted = escaped = False
     for i, ch in enumerate(text):
         if escaped:

@@ -18,7 +18,6 @@ workers are forked, where each worker writes only its own region:
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import socket
 import threading
@@ -71,24 +70,27 @@ class SharedCounts:
         self.region(worker)[:] = memoryview(bytes(4 * self.REGION)).cast("I")
 
     @staticmethod
-    def slots(client: str) -> tuple[int, ...]:
-        digest = hashlib.blake2b(client.encode(), digest_size=4 * ROWS).digest()
-        return tuple(1 + row * SLOTS + int.from_bytes(digest[4 * row:4 * row + 4], "little") % SLOTS
-                     for row in range(ROWS))
+    def slots(client: str) -> tuple[int, int]:
+        """The client's counter in each row. Python's string hash is salted per
+        interpreter, and forked workers share their master's salt."""
+        h = hash(client)
+        return 1 + (h & (SLOTS - 1)), 1 + SLOTS + ((h >> 16) & (SLOTS - 1))
 
     def add(self, client: str, n: int) -> None:
-        own = self.region(self.worker)
-        own[0] += n
-        for slot in self.slots(client):
-            own[slot] += n
+        own = self.worker * self.REGION
+        first, second = self.slots(client)
+        counters = self._all
+        counters[own] += n
+        counters[own + first] += n
+        counters[own + second] += n
 
     @property
     def total(self) -> int:
-        return sum(self._all[w * self.REGION] for w in range(self.workers))
+        return sum(self._all[::self.REGION])
 
     def client(self, client: str) -> int:
-        return min(sum(self._all[w * self.REGION + slot] for w in range(self.workers))
-                   for slot in self.slots(client))
+        first, second = self.slots(client)
+        return min(sum(self._all[first::self.REGION]), sum(self._all[second::self.REGION]))
 
 
 class Admission:
@@ -100,40 +102,41 @@ class Admission:
         self.counts = counts or LocalCounts()
         self.sockets: dict[socket.socket, str] = {}       # this process's sessions
         self.sessions: dict[socket.socket, object] = {}
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)    # notified when none are left
 
     def under_pressure(self) -> bool:
         """True when 80 % of max_connections are in use."""
         return self.counts.total >= PRESSURE * self.max_connections
 
     def attach(self, sock: socket.socket, session) -> None:
-        with self._cond:
-            self.sessions[sock] = session
+        self.sessions[sock] = session
 
     def admit(self, sock: socket.socket, client: str) -> replies.Reply | None:
         """None when the session may start, else the 421 to send."""
-        with self._cond:
-            self.counts.add(client, 1)            # first counted, then compared
+        counts = self.counts
+        with self._lock:
+            counts.add(client, 1)                 # first counted, then compared
+            self.sockets[sock] = client
         # The lock's release is a memory barrier: other workers see the count now.
         refusal = None
-        if self.counts.total > self.max_connections:
+        if counts.total > self.max_connections:
             refusal = replies.TOO_MANY_CONNECTIONS
-        elif self.counts.client(client) > self.per_client:
+        elif counts.client(client) > self.per_client:
             refusal = replies.TOO_MANY_FROM_CLIENT
-        with self._cond:
-            if refusal is None:
-                self.sockets[sock] = client
-            else:
-                self.counts.add(client, -1)
+        else:
+            return None
+        self.release(sock)
         return refusal
 
     def release(self, sock: socket.socket) -> None:
-        with self._cond:
+        with self._lock:
             self.sessions.pop(sock, None)
             client = self.sockets.pop(sock, None)
             if client is not None:
                 self.counts.add(client, -1)
-                self._cond.notify_all()
+                if not self.sockets:
+                    self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         with self._cond:

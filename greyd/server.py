@@ -195,6 +195,11 @@ class Listener(socketserver.ThreadingTCPServer):
         except OSError:
             pass
 
+    def get_request(self) -> tuple[socket.socket, tuple]:
+        # socket.accept() less its Python-level lookups of the family and type.
+        fd, client_address = self.socket._accept()
+        return socket.socket(self.address_family, socket.SOCK_STREAM, 0, fd), client_address
+
     def verify_request(self, request, client_address) -> bool:
         refusal = self.admission.admit(request, peer_ip(client_address))
         if refusal is None:

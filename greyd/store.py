@@ -430,7 +430,9 @@ class StorePool:
         self._lent: Counter[int] = Counter()   # borrowed connections by generation
         self._generation = 0                    # counts the files seen at the path
         self._file: tuple | None | object = _UNSEEN
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)   # a connection came back
+        self._waiters = 0                       # borrowers waiting for it
         self._looks = self._applied = 0         # file looks begun, and the latest applied
         self.recorder = Recorder(self)          # the sessions' writes, group-committed
 
@@ -453,26 +455,19 @@ class StorePool:
             self._look(file_state(self.path))
             self._idle.append(store)
 
-    @contextmanager
-    def connection(self) -> Iterator[Store]:
-        store, generation = self._borrow()
-        healthy = True
-        try:
-            yield store
-        except sqlite3.Error:
-            healthy = False
-            raise
-        finally:
-            self._give_back(store, generation, healthy)
+    def connection(self) -> "_Lease":
+        """`with pool.connection() as store:` a connection, given back at the
+        end (closed instead if an sqlite3.Error went through)."""
+        return _Lease(self)
 
     def _borrow(self) -> tuple[Store, int]:
         # The stat releases the GIL: not while holding the lock the other
         # sessions need. Of two looks, only the later-begun one is applied.
-        with self._cond:
+        with self._lock:
             self._looks += 1
             look = self._looks
         state = file_state(self.path)
-        with self._cond:
+        with self._lock:
             if look > self._applied:
                 self._applied = look
                 self._look(state)
@@ -482,15 +477,20 @@ class StorePool:
                 return self._idle.pop(), generation
             # Two files at one path must never be open at once: they would share
             # the -wal and -shm, and corrupt each other.
-            if not self._cond.wait_for(lambda: not self._lent_before(generation),
-                                       BUSY_TIMEOUT):
+            self._waiters += 1
+            try:
+                moved_on = self._cond.wait_for(lambda: not self._lent_before(generation),
+                                               BUSY_TIMEOUT)
+            finally:
+                self._waiters -= 1
+            if not moved_on:
                 self._returned(generation)
                 raise sqlite3.OperationalError(
                     f"{self.path} changed while connections to the old file were in use")
         try:
             return self._open(), generation
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._returned(generation)
             raise
 
@@ -531,10 +531,11 @@ class StorePool:
         self._lent[generation] -= 1
         if not self._lent[generation]:
             del self._lent[generation]
-        self._cond.notify_all()
+        if self._waiters:
+            self._cond.notify_all()
 
     def _give_back(self, store: Store, generation: int, healthy: bool) -> None:
-        with self._cond:
+        with self._lock:
             self._returned(generation)
             if generation != self._generation:
                 store.retire()
@@ -545,10 +546,27 @@ class StorePool:
 
     def close(self) -> None:
         """Close the idle connections; the next borrow looks at the path afresh."""
-        with self._cond:
+        with self._lock:
             while self._idle:
                 self._idle.pop().close()
             self._file = _UNSEEN
+
+
+class _Lease:
+    """StorePool.connection's context manager (a class: cheaper than a generator)."""
+
+    __slots__ = ("pool", "store", "generation")
+
+    def __init__(self, pool: StorePool):
+        self.pool = pool
+
+    def __enter__(self) -> Store:
+        self.store, self.generation = self.pool._borrow()
+        return self.store
+
+    def __exit__(self, kind, error, traceback) -> None:
+        healthy = kind is None or not issubclass(kind, sqlite3.Error)
+        self.pool._give_back(self.store, self.generation, healthy)
 
 
 _UNSEEN = object()
