@@ -23,6 +23,8 @@ FORMAT = "%(asctime)s greyd[%(process)d]: %(levelname)s %(message)s"
 
 
 def quote(value: object) -> str:
+    if type(value) is int:
+        return str(value)
     text = "" if value is None else str(value)
     if _PLAIN.fullmatch(text):
         return text
@@ -47,7 +49,7 @@ def setup(config, *, stderr: bool) -> logging.Logger:
     level = getattr(logging, config.level.upper())
     logger.setLevel(logging.DEBUG if config.debug_file else level)
     logger.propagate = False
-    formatter = logging.Formatter(FORMAT)
+    formatter = Formatter(FORMAT)
     handlers: list[logging.Handler] = []
     if config.file:
         handlers.append(_file_handler(config.file, level))
@@ -67,6 +69,25 @@ def setup(config, *, stderr: bool) -> logging.Logger:
         handler.setFormatter(formatter)
     logger.addHandler(Batched(handlers, formatter))
     return logger
+
+
+class Formatter(logging.Formatter):
+    """logging.Formatter whose time text ("2026-11-21 13:24:18,404") is made
+    once a second, not once a line."""
+
+    def __init__(self, fmt: str):
+        super().__init__(fmt)
+        self._second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached = self._second               # one read: another thread may replace it
+        if cached[0] != second:
+            cached = (second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)))
+            self._second = cached
+        return f"{cached[1]},{int(record.msecs):03d}"
 
 
 class Batched(logging.Handler):
@@ -90,7 +111,8 @@ class Batched(logging.Handler):
 
     def _reset(self) -> None:
         self._lines: list[tuple[int, str]] = []
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._writing = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -101,7 +123,7 @@ class Batched(logging.Handler):
         except Exception:       # noqa: BLE001 - logging must not break a session
             self.handleError(record)
             return
-        with self._cond:
+        with self._lock:
             if not self._closed:
                 self._lines.append(line)
                 if len(self._lines) == 1:

@@ -133,10 +133,10 @@ def decide(request: Request, rules: Rules, facts: Facts, now: float,
         if (auto is not None and auto.count >= rules.auto_whitelist_after
                 and now - auto.last_seen <= rules.max_age):
             return Verdict(ACCEPT, "auto-whitelist", network, update=AUTO)
-    verdict = judge(facts.seen(triplet), now, rules)
+    verdict = judge(facts.seen(triplet), now, rules, network, triplet)
     if request.dnsbl and verdict.action == GREYLIST:
         verdict = _replace(verdict, reason=f"{verdict.reason},dnsbl:{request.dnsbl}")
-    return _replace(verdict, network=network, triplet=triplet)
+    return verdict
 
 
 def keys(request: Request, rules: Rules) -> tuple[str, Triplet]:
@@ -167,19 +167,22 @@ def without_store(request: Request, rules: Rules, on_store_error: str) -> Verdic
     return Verdict(action, "store-error", network)
 
 
-def judge(seen: Seen | None, now: int, rules: Rules) -> Verdict:
-    """The triplet step (SPEC §5.6) alone: a pure function of its record and the time."""
+def judge(seen: Seen | None, now: int, rules: Rules,
+          network: str = "", triplet: Triplet | None = None) -> Verdict:
+    """The triplet step (SPEC §5.6) alone: a pure function of its record and the
+    time (`network` and `triplet` are only carried into the Verdict)."""
     if seen is None or (seen.passed is not None and now - seen.last > rules.max_age):
-        return Verdict(GREYLIST, "new", "", retry_in=rules.delay, update=NEW)
+        return Verdict(GREYLIST, "new", network, triplet, retry_in=rules.delay, update=NEW)
     if seen.passed is not None:
-        return Verdict(ACCEPT, "known", "", update=KNOWN)
+        return Verdict(ACCEPT, "known", network, triplet, update=KNOWN)
     waited = now - seen.first
     if waited < rules.delay:
-        return Verdict(GREYLIST, "too-early", "", retry_in=rules.delay - waited,
+        return Verdict(GREYLIST, "too-early", network, triplet, retry_in=rules.delay - waited,
                        delayed=waited, update=EARLY)
     if waited <= rules.retry_window:
-        return Verdict(ACCEPT, "passed", "", delayed=waited, update=PASS)
-    return Verdict(GREYLIST, "expired-retry", "", retry_in=rules.delay, update=RESTART)
+        return Verdict(ACCEPT, "passed", network, triplet, delayed=waited, update=PASS)
+    return Verdict(GREYLIST, "expired-retry", network, triplet, retry_in=rules.delay,
+                   update=RESTART)
 
 
 def _replace(verdict: Verdict, **changes) -> Verdict:

@@ -59,10 +59,12 @@ def _printable(line: str) -> str:
     return "".join(ch for ch in line if ch >= " " or ch == "\t")
 
 
+@lru_cache(maxsize=64)
 def greeting(hostname: str, banner: str) -> Reply:
     return Reply.of(220, f"{hostname} ESMTP {banner}")
 
 
+@lru_cache(maxsize=64)
 def ehlo(hostname: str, max_size: int) -> Reply:
     return Reply(250, (
         hostname,
@@ -73,14 +75,17 @@ def ehlo(hostname: str, max_size: int) -> Reply:
     ))
 
 
+@lru_cache(maxsize=64)
 def helo(hostname: str) -> Reply:
     return Reply.of(250, hostname)
 
 
+@lru_cache(maxsize=1024)
 def greylisted(seconds: int) -> Reply:
     return Reply.of(451, f"4.7.1 Greylisted, please try again in {seconds} seconds")
 
 
+@lru_cache(maxsize=64)
 def closing(hostname: str) -> Reply:
     return Reply.of(221, f"2.0.0 {hostname} closing connection")
 
@@ -130,5 +135,8 @@ _ERRORS = frozenset({
 })
 
 
+_ERROR_CODES = frozenset(reply.code for reply in _ERRORS)
+
+
 def is_error(reply: Reply) -> bool:
-    return reply in _ERRORS
+    return reply.code in _ERROR_CODES and reply in _ERRORS

@@ -255,11 +255,11 @@ class Session:
         limit = COMMAND_LIMIT + (MAIL_ALLOWANCE if verb == "MAIL" else 0)
         if len(line) > limit:
             return replies.LINE_TOO_LONG
-        handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        handler = _HANDLERS.get(verb)
         if handler is None:
             return replies.NOT_IMPLEMENTED if verb in UNSUPPORTED else replies.UNKNOWN_COMMAND
         try:
-            return handler(arg.strip(" "))
+            return handler(self, arg.strip(" "))
         except PathError as error:
             return error.reply
         except Exception:
@@ -478,3 +478,7 @@ class Session:
             lines.append(f"X-Greylist: delayed {envelope.delayed} seconds by greyd-"
                          f"{__version__} at {server.hostname}; {date}\r\n")
         return "".join(lines).encode("utf-8", "replace")
+
+
+# "HELO": Session.smtp_HELO, ...: the command table, read once.
+_HANDLERS = {name[5:]: getattr(Session, name) for name in dir(Session) if name.startswith("smtp_")}
