@@ -1,106 +1,187 @@
-"""Group commit: the decisions of concurrent sessions, written together.
+"""The sessions' writes: queued, and committed by one thread per process.
 
-A session records its verdict before it answers the RCPT, so a 451 is only
-said once the deferral is in the database, and a store that cannot be
-written is noticed by the very session that needed it (on_store_error), as
-when each session wrote alone. What changes is the cost: a session that
-finds no commit under way writes at once, alone; sessions that arrive while
-a commit is under way queue, and when it is done the first of them writes
-all the queued verdicts in one transaction (Store.record_many), then hands
-on to the next queue. No writer thread: the writing is done by a session's
-own thread, which was running anyway, and the others each wait once.
+A session answers its RCPT once the verdict is decided and queued; the
+writer thread commits whatever has queued in one transaction
+(Store.record_many), then the next lot, while the sessions go on. Under a
+flood of spam that is one commit for dozens of deferrals, and no session
+sleeps on a lock.
+
+No decision is made from data that a queued write would change in a way
+that lets a triplet pass early:
+
+- a session first waits for this process's queued writes when any of them
+  concerns its triplet or its network (`settle`), so a retry, a second
+  recipient or an auto-whitelist count is decided on what came before it;
+- a write still queued in another worker can only make a decision stricter:
+  it would add or restart a triplet (so the triplet reads as new now, and is
+  greylisted) or mark one passed that will pass again on its own; and the
+  times it writes are those of real attempts.
+
+A failed commit is a store failure. From then on every session waits for
+its own verdict's commit before answering, as if it wrote alone, so a store
+that stays broken gives on_store_error; the first commit that succeeds ends
+it. The verdicts of the failed lot are forgotten: their senders were told
+451 and are greylisted once more when they retry. What is queued is
+committed before the pool closes (a stop, a reload to another database).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
+import time
+import weakref
+from collections import Counter
 from typing import TYPE_CHECKING
 
-from .policy import Verdict
+from . import log
+from .policy import ACCEPT, Triplet, Verdict
 
 if TYPE_CHECKING:
-    from .store import Store, StorePool
+    from .store import StorePool
 
-WAIT_LIMIT = 20.0       # seconds a session waits for its batch at most (4 busy timeouts)
+GATHER = 0.02          # seconds the writer lets a lot gather once something is queued
+WAIT_LIMIT = 20.0       # seconds a session waits for a commit at most (4 busy timeouts)
+
+_log = logging.getLogger(log.LOGGER)
 
 
-class _Pending:
-    __slots__ = ("decision", "done", "error", "leads")
+class StoreHealth:
+    """Logs a store failure once per incident, and the recovery."""
 
-    def __init__(self, decision: tuple[Verdict, float, int]):
-        self.decision = decision
-        self.done = threading.Lock()
-        self.done.acquire()                   # released once written, or to hand on the lead
-        self.error: BaseException | None = None
-        self.leads = False                    # this one writes the next batch
+    def __init__(self, logger: logging.Logger = _log):
+        self._logger = logger
+        self._down = False
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    def failed(self, error: Exception) -> None:
+        with self._lock:
+            first, self._down = not self._down, True
+        if first:
+            self._logger.error("store failure: %s", log.fields(error=error))
+
+    def ok(self) -> None:
+        if self._down:
+            with self._lock:
+                was, self._down = self._down, False
+            if was:
+                self._logger.warning("store recovered")
 
 
 class Recorder:
     """Store.record for the sessions of one process, over a StorePool."""
 
-    def __init__(self, pool: "StorePool"):
-        self.pool = pool
+    def __init__(self, pool: "StorePool", health: StoreHealth):
+        self.pool, self.health = pool, health
+        self._reset()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (r := ref()) and r._reset())
+
+    def _reset(self) -> None:
+        """A fresh state: at start, and in a forked child (threads do not survive fork)."""
         self._lock = threading.Lock()
-        self._queue: list[_Pending] = []
-        self._writing = False                 # a batch is being written now
+        self._work = threading.Condition(self._lock)       # something was queued
+        self._written = threading.Condition(self._lock)    # a lot was committed (or failed)
+        # (verdict, now, max_age), its number, and a list for its commit's error
+        # when a session waits for it (after a failure), else None
+        self._queue: list[tuple[tuple[Verdict, float, int], int, list | None]] = []
+        self._queued = self._done = 0         # sequence numbers: last queued, last finished
+        self._pending: Counter = Counter()   # keys of queued verdicts (see _keys)
+        self._thread: threading.Thread | None = None
 
-    def record(self, verdict: Verdict, now: float, *, max_age: int,
-               store: "Store | None" = None) -> None:
-        """Store.record, committed with whatever else is queued; raises the
-        batch's sqlite3.Error. `store`: a connection the caller holds, used if
-        this call writes the batch (no second borrow, no second file check)."""
-        pending = _Pending((verdict, now, max_age))
+    def record(self, verdict: Verdict, now: float, *, max_age: int) -> None:
+        """Queue the verdict; after a failed commit, also wait for it to be
+        committed, raising the commit's sqlite3.Error."""
+        outcome = [] if self.health.down else None
         with self._lock:
-            self._queue.append(pending)
-            pending.leads = not self._writing
-            self._writing = True
-        if not pending.leads:
-            self._wait(pending)
-        if pending.leads:
-            self._write(store)
-        if pending.error is not None:
-            raise pending.error
+            self._queued += 1
+            number = self._queued
+            self._queue.append(((verdict, now, max_age), number, outcome))
+            for key in _keys(verdict):
+                self._pending[key] += 1
+            if len(self._queue) == 1:
+                self._work.notify()
+            self._start()
+        if outcome is not None:
+            if not self._wait(number):
+                raise sqlite3.OperationalError("the store's writes did not finish in time")
+            if outcome[0] is not None:
+                raise outcome[0]
 
-    def _wait(self, pending: _Pending) -> None:
-        if pending.done.acquire(timeout=WAIT_LIMIT):
-            return
+    def start(self) -> None:
+        """Start the writer thread now (else it starts at the first verdict)."""
         with self._lock:
-            if pending.leads:                 # handed the lead just now: take it
-                return
-            if pending in self._queue:
-                self._queue.remove(pending)
-                pending.error = sqlite3.OperationalError(
-                    "the store's writes did not finish in time")
-                return
-        pending.done.acquire()                # in a batch being written: its end is near
+            self._start()
 
-    def _write(self, store: "Store | None") -> None:
-        """Write everything queued in one transaction, then hand the lead on."""
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+            self._thread.start()
+
+    def settle(self, network: str, triplet: Triplet) -> None:
+        """Wait until no queued verdict of this process concerns `triplet` or
+        `network`, so a decision about them reads what came before it. Not
+        while the store is down: then each session waits for its own commit
+        (record), and the writes it would wait for are likely to fail."""
+        if (self._pending and not self.health.down
+                and (triplet in self._pending or network in self._pending)):
+            self._wait(self._queued)
+
+    def flush(self) -> None:
+        """Wait until everything queued so far is committed (or has failed)."""
+        self._wait(self._queued)
+
+    def _wait(self, number: int) -> bool:
+        """Wait until verdict `number` is committed or failed; False after WAIT_LIMIT."""
         with self._lock:
-            batch, self._queue = self._queue, []
-        error: BaseException | None = sqlite3.OperationalError("recording interrupted")
+            return self._written.wait_for(lambda: self._done >= number, WAIT_LIMIT)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._work.wait()
+            time.sleep(GATHER)
+            with self._lock:
+                lot, self._queue = self._queue, []
+            error = self._commit([decision for decision, _, _ in lot])
+            with self._lock:
+                for (verdict, _, _), _, outcome in lot:
+                    if outcome is not None:
+                        outcome.append(error)
+                    for key in _keys(verdict):
+                        self._pending[key] -= 1
+                        if not self._pending[key]:
+                            del self._pending[key]
+                self._done = lot[-1][1]
+                self._written.notify_all()
+
+    def _commit(self, decisions: list) -> BaseException | None:
         try:
-            decisions = [p.decision for p in batch]
-            if store is not None:
+            with self.pool.connection() as store:
                 store.record_many(decisions)
-            else:
-                with self.pool.connection() as borrowed:
-                    borrowed.record_many(decisions)
-            error = None
         except sqlite3.Error as exc:
-            error = exc
+            self.health.failed(exc)
+            return exc
         except Exception as exc:              # noqa: BLE001 - every waiter must hear of it
             error = sqlite3.OperationalError(f"recording failed: {exc!r}")
-        finally:
-            for pending in batch:
-                pending.error = error
-                if not pending.leads:
-                    pending.done.release()
-            with self._lock:
-                if self._queue:
-                    following = self._queue[0]
-                    following.leads = True
-                    following.done.release()
-                else:
-                    self._writing = False
+            self.health.failed(error)
+            return error
+        self.health.ok()
+        return None
+
+
+def _keys(verdict: Verdict) -> tuple:
+    """What a queued verdict will change that a decision reads: its triplet,
+    and its network's auto-whitelist entry when it was accepted."""
+    if verdict.triplet is None:
+        return (verdict.network,) if verdict.action == ACCEPT and verdict.update else ()
+    if verdict.action == ACCEPT:
+        return (verdict.triplet, verdict.network)
+    return (verdict.triplet,)

@@ -246,6 +246,7 @@ class Daemon:
         return [listener.server_address[:2] for listener in self.listeners]
 
     def start(self) -> None:
+        self.ctx.pool.recorder.start()
         for listener in self.listeners:
             listener.serve()
         self.ctx.logger.info("listening %s", log.fields(

@@ -42,28 +42,6 @@ _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 
 
-class StoreHealth:
-    """Logs a store failure once per incident, and the recovery."""
-
-    def __init__(self, logger: logging.Logger):
-        self._logger = logger
-        self._down = False
-        self._lock = threading.Lock()
-
-    def failed(self, error: Exception) -> None:
-        with self._lock:
-            first, self._down = not self._down, True
-        if first:
-            self._logger.error("store failure: %s", log.fields(error=error))
-
-    def ok(self) -> None:
-        if self._down:
-            with self._lock:
-                was, self._down = self._down, False
-            if was:
-                self._logger.warning("store recovered")
-
-
 def _reseed() -> None:
     global _session_ids
     _session_ids = itertools.count(int.from_bytes(os.urandom(5), "big"))
@@ -98,7 +76,7 @@ class Context:
 
     def __post_init__(self):
         self.rules = policy.Rules.from_config(self.config.relay, self.config.greylist)
-        self.store_health = StoreHealth(self.logger)
+        self.store_health = self.pool.health
         if self.lookup is None:
             self.lookup = Lookup(self.config.dns, logger=self.logger)
 
@@ -362,11 +340,13 @@ class Session:
                                  dnswl=facts.dnswl, dnsbl=facts.dnsbl)
         now = self.ctx.clock()
         rules = self.ctx.rules
+        pool = self.ctx.pool
         try:
-            with self.ctx.pool.connection() as store:
-                known = policy.keys(request, rules)
+            known = policy.keys(request, rules)
+            pool.settle(*known)
+            with pool.connection() as store:
                 verdict = policy.decide(request, rules, store.facts(*known), now, known)
-                self.ctx.pool.record(verdict, now, max_age=rules.max_age, store=store)
+            pool.record(verdict, now, max_age=rules.max_age)
             self.ctx.store_health.ok()
         except sqlite3.Error as error:
             self.ctx.store_health.failed(error)

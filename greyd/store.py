@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import sqlite_utils
 
 from . import log, policy
-from .recorder import Recorder
+from .recorder import Recorder, StoreHealth
 from .policy import AutoEntry, Entry, Seen, Triplet, Verdict
 
 BUSY_TIMEOUT = 5.0          # seconds a writer waits for another (cron, CLI)
@@ -434,13 +434,22 @@ class StorePool:
         self._cond = threading.Condition(self._lock)   # a connection came back
         self._waiters = 0                       # borrowers waiting for it
         self._looks = self._applied = 0         # file looks begun, and the latest applied
-        self.recorder = Recorder(self)          # the sessions' writes, group-committed
+        self.health = StoreHealth()             # logs a failure once, and the recovery
+        self.recorder = Recorder(self, self.health)   # the sessions' writes
 
-    def record(self, verdict: Verdict, now: float, *, max_age: int,
-               store: Store | None = None) -> None:
-        """Store.record for a session: committed with its neighbours' (Recorder),
-        on `store` (a connection the session holds) if it falls to this call."""
-        self.recorder.record(verdict, now, max_age=max_age, store=store)
+    def record(self, verdict: Verdict, now: float, *, max_age: int) -> None:
+        """Store.record for a session: queued, committed by this process's
+        writer thread with its neighbours' (see greyd.recorder)."""
+        self.recorder.record(verdict, now, max_age=max_age)
+
+    def settle(self, network: str, triplet: policy.Triplet) -> None:
+        """Before a decision: this process's queued writes about the
+        triplet or the network are committed first."""
+        self.recorder.settle(network, triplet)
+
+    def flush(self) -> None:
+        """Wait until every write queued so far is committed (or has failed)."""
+        self.recorder.flush()
 
     def open(self) -> None:
         """Create or migrate the database and check it is writable."""
@@ -545,7 +554,9 @@ class StorePool:
                 store.close()
 
     def close(self) -> None:
-        """Close the idle connections; the next borrow looks at the path afresh."""
+        """Commit what is queued, then close the idle connections; the next
+        borrow looks at the path afresh."""
+        self.recorder.flush()
         with self._lock:
             while self._idle:
                 self._idle.pop().close()

@@ -105,6 +105,8 @@ class Greyd:
         return Raw(self.port, **kwargs)
 
     def store(self) -> Store:
+        """A connection of the test's own, once the daemon's queued writes are committed."""
+        self.ctx.pool.flush()
         return Store(self.config.database.path)
 
 

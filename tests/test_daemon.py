@@ -177,8 +177,8 @@ def test_serves_ipv4_and_ipv6_with_a_thread_per_client(tmp_path, upstream, port)
             assert settles(pid, lambda n: n >= 1 + total + listeners)
         for client in clients:
             client.close()
-        # the main thread, the log writer, one thread in accept() per listener
-        assert settles(pid, lambda n: n == 2 + listeners, timeout=4 * IDLE_TIMEOUT + 5)
+        # the main thread, the log and store writers, one thread in accept() per listener
+        assert settles(pid, lambda n: n == 3 + listeners, timeout=4 * IDLE_TIMEOUT + 5)
         assert daemon.stop() == 0
 
 

@@ -457,6 +457,7 @@ class Locked:
     """Another process holds the database locked (BEGIN EXCLUSIVE) past greyd's busy timeout."""
 
     fails, keeps = True, {"before", "between"}
+    reads = True            # only writes fail: found out by the writer, after the answers
 
     def start(self, db: Path) -> None:
         self.locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(db)], text=True,
@@ -472,6 +473,7 @@ class ReadOnly:
     """chmod 0444 on the database and its -wal and -shm; then 0644 again."""
 
     fails, keeps = True, {"before", "between"}
+    reads = True
 
     def start(self, db: Path) -> None:
         self.chmod(db, 0o444)
@@ -570,6 +572,17 @@ def deliver_at_once(port: int, sessions) -> list:
     return results
 
 
+def wait_until(condition, timeout: float = 30.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not come true"
+        time.sleep(0.02)
+
+
+def wait_for_line(logfile: Path, text: str) -> None:
+    wait_until(lambda: logfile.exists() and text in logfile.read_text(), what=f"{text!r} logged")
+
+
 def take_backup(db: Path, backup: Path) -> None:
     source, target = sqlite3.connect(db), sqlite3.connect(backup)
     try:
@@ -600,7 +613,12 @@ def test_a_broken_store_gets_on_store_error_once_and_heals(tmp_path, mode, fault
     """Healthy, the store greylists `before` and `between` (a backup is taken in
     between); broken, four recipients in three concurrent sessions get
     on_store_error; healed, `after` is greylisted and recorded, and a whole
-    transaction goes through. The log tells one failure and one recovery."""
+    transaction goes through. The log tells one failure and one recovery.
+
+    A store that still reads but cannot be written is found out by the
+    writer, after the answer: the first recipient it fails for (`unknown`)
+    was greylisted, never accepted, and is forgotten; the four decided once
+    the failure is known get on_store_error."""
     fault = fault()
     db = tmp_path / "db" / "greyd.db"
     db.parent.mkdir()
@@ -613,10 +631,15 @@ def test_a_broken_store_gets_on_store_error_once_and_heals(tmp_path, mode, fault
         with Unprivileged(config) as daemon:
             wait_listening(port)
             before, _ = deliver(port, "before", ["before@localhost"])
+            wait_until(lambda: "before" in recipients_in(db))   # committed by greyd's writer
             take_backup(db, db.with_name("backup.db"))
             between, _ = deliver(port, "between", ["between@localhost"])
+            wait_until(lambda: "between" in recipients_in(db))
             fault.start(db)
             try:
+                if getattr(fault, "reads", False):
+                    unknown, _ = deliver(port, "unknown", ["unknown@localhost"])
+                    wait_for_line(logfile, "store failure")
                 during = deliver_at_once(port, DURING)
             finally:
                 fault.end(db)
@@ -626,6 +649,8 @@ def test_a_broken_store_gets_on_store_error_once_and_heals(tmp_path, mode, fault
     log = logfile.read_text()
 
     assert greylisted(before[0]) and greylisted(between[0])
+    if getattr(fault, "reads", False):
+        assert greylisted(unknown[0])
     rcpts = [reply for replies_, _ in during for reply in replies_]
     datas = [data for _, data in during]
     if not fault.fails:

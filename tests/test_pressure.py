@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(120)
 
 TRUSTED = "127.0.0.200"               # in relay.clients below: never greylisted
 HOST = "mx.greyd.test"                # server.hostname in conftest's base config
-BASE_THREADS = 3                      # main, log writer, one thread in accept()
+BASE_THREADS = 4                      # main, log and store writers, one thread in accept()
 
 
 def R(reply: Reply) -> tuple[int, str]:

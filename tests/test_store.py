@@ -545,7 +545,7 @@ def test_record_many_writes_what_recording_one_by_one_writes(tmp_path):
     assert together.seen(Triplet(NET, "x7@e.example", "b@localhost")).first == T + 25
 
 
-def test_the_recorder_commits_concurrent_sessions_together(path):
+def test_the_writer_commits_concurrent_sessions_together(path):
     pool = StorePool(path)
     pool.open()
     commits = []
@@ -567,6 +567,7 @@ def test_the_recorder_commits_concurrent_sessions_together(path):
         thread.start()
     for thread in threads:
         thread.join(20)
+    pool.flush()
     with pool_connection() as store:
         assert len(table(store, "triplets")) == 500
         assert counters(store) == {(HOUR_OF_T, GREYLIST, "new"): 500}
@@ -574,34 +575,63 @@ def test_the_recorder_commits_concurrent_sessions_together(path):
     pool.close()
 
 
-def test_a_failed_batch_is_every_waiters_error_and_the_next_one_is_written(path):
+def test_a_decision_waits_for_this_process_s_queued_writes_about_its_triplet(path):
+    """settle(): a retry is decided on what came before it, even at once."""
+    pool = StorePool(path)
+    pool.open()
+    locker = raw(path)
+    locker.execute("BEGIN IMMEDIATE")         # the writer thread waits behind this
+
+    def settling(network, triplet) -> threading.Thread:
+        thread = threading.Thread(target=pool.settle, args=(network, triplet), daemon=True)
+        thread.start()
+        thread.join(0.5)
+        return thread
+    try:
+        pool.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+        pool.record(verdict(policy.PASS, ACCEPT, "passed",
+                            triplet=Triplet(NET, "p@example.net", "q@localhost")),
+                    T, max_age=MAX_AGE)
+        elsewhere = Triplet("203.0.113.0/24", "x@example.net", "y@localhost")
+        assert not settling("203.0.113.0/24", elsewhere).is_alive()   # nothing queued about it
+        same_triplet = settling(NET, TRIPLET)
+        same_network = settling(NET, Triplet(NET, "someone@else.example", "z@localhost"))
+        assert same_triplet.is_alive() and same_network.is_alive()    # both wait for the writer
+    finally:
+        locker.execute("ROLLBACK")
+    same_triplet.join(10)
+    same_network.join(10)
+    assert not same_triplet.is_alive() and not same_network.is_alive()
+    with pool.connection() as store:
+        assert store.seen(TRIPLET) == Seen(first=T, last=T, passed=None)
+        assert store.auto_entry(NET).count == 1
+    pool.close()
+    locker.close()
+
+
+def test_after_a_failed_commit_sessions_wait_for_their_own_until_one_succeeds(path):
     pool = StorePool(path)
     pool.open()
     locker = raw(path)
     locker.execute("PRAGMA busy_timeout = 0")
     locker.execute("BEGIN IMMEDIATE")         # the write lock, held past greyd's busy timeout
-    errors = []
-
-    def session(i):
-        t = Triplet(NET, f"s{i}@sender.example", "bob@localhost")
-        try:
-            pool.record(verdict(policy.NEW, triplet=t), T, max_age=MAX_AGE)
-        except sqlite3.OperationalError as error:
-            errors.append(str(error))
+    lost = [Triplet(NET, f"s{i}@sender.example", "bob@localhost") for i in range(5)]
     original, storage.BUSY_TIMEOUT = storage.BUSY_TIMEOUT, 0.2
     try:
         pool.close()
-        threads = [threading.Thread(target=session, args=(i,)) for i in range(5)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(20)
+        for t in lost:                        # answered at once: queued
+            pool.record(verdict(policy.NEW, triplet=t), T, max_age=MAX_AGE)
+        pool.flush()                          # their commit failed: the store is down
+        assert pool.health.down
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            pool.record(verdict(policy.NEW, triplet=lost[0]), T, max_age=MAX_AGE)
     finally:
         storage.BUSY_TIMEOUT = original
         locker.execute("ROLLBACK")
-    assert len(errors) == 5 and all("locked" in e for e in errors), errors
-    pool.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    pool.record(verdict(policy.NEW), T, max_age=MAX_AGE)    # waits for its commit: it works
+    assert not pool.health.down
     with pool.connection() as store:
         assert store.seen(TRIPLET) == Seen(first=T, last=T, passed=None)
+        assert [store.seen(t) for t in lost] == [None] * 5    # the failed lot is forgotten
     pool.close()
     locker.close()
