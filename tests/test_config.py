@@ -599,8 +599,8 @@ file = ""
     assert dataclasses.replace(again, root=original.root, source=original.source) == original
 
 
-def test_workers_default_to_one_and_auto_is_one_per_usable_cpu(tmp_path):
+def test_workers_default_to_one_and_auto_is_two_per_usable_cpu(tmp_path):
     assert load_text(tmp_path, "").server.workers == 1
     assert load_text(tmp_path, "[server]\nworkers = 3\n").server.workers == 3
     assert load_text(tmp_path, '[server]\nworkers = "auto"\n').server.workers == \
-        len(os.sched_getaffinity(0))
+        min(64, 2 * len(os.sched_getaffinity(0)))
