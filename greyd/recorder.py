@@ -51,8 +51,7 @@ _log = logging.getLogger(log.LOGGER)
 class StoreHealth:
     """Logs a store failure once per incident, and the recovery."""
 
-    def __init__(self, logger: logging.Logger = _log):
-        self._logger = logger
+    def __init__(self):
         self._down = False
         self._lock = threading.Lock()
 
@@ -64,14 +63,14 @@ class StoreHealth:
         with self._lock:
             first, self._down = not self._down, True
         if first:
-            self._logger.error("store failure: %s", log.fields(error=error))
+            _log.error("store failure: %s", log.fields(error=error))
 
     def ok(self) -> None:
         if self._down:
             with self._lock:
                 was, self._down = self._down, False
             if was:
-                self._logger.warning("store recovered")
+                _log.warning("store recovered")
 
 
 class Recorder:

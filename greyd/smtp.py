@@ -76,7 +76,6 @@ class Context:
 
     def __post_init__(self):
         self.rules = policy.Rules.from_config(self.config.relay, self.config.greylist)
-        self.store_health = self.pool.health
         if self.lookup is None:
             self.lookup = Lookup(self.config.dns, logger=self.logger)
 
@@ -347,9 +346,9 @@ class Session:
             with pool.connection() as store:
                 verdict = policy.decide(request, rules, store.facts(*known), now, known)
             pool.record(verdict, now, max_age=rules.max_age)
-            self.ctx.store_health.ok()
+            pool.health.ok()
         except sqlite3.Error as error:
-            self.ctx.store_health.failed(error)
+            pool.health.failed(error)
             verdict = policy.without_store(request, self.ctx.rules,
                                            self.config.greylist.on_store_error)
         self.ctx.logger.info("decision %s", log.fields(
