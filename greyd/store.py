@@ -161,7 +161,7 @@ class Store:
 
     def facts(self, network: str, triplet: Triplet) -> "Snapshot":
         """Everything a decision about `triplet` from `network` may read, in one
-        statement run when first asked: one read transaction, one GIL release."""
+        statement run when first asked: one read transaction."""
         return Snapshot(self, network, triplet)
 
     def auto_entry(self, network: str) -> AutoEntry | None:
@@ -362,14 +362,23 @@ FACTS_SQL = (
     " FROM meta AS m"
     " LEFT JOIN auto_whitelist AS a ON a.network = ?"
     " LEFT JOIN triplets AS t ON t.network = ? AND t.sender = ? AND t.recipient = ?"
-    " WHERE m.key = 'whitelist_version'")
+    " WHERE m.key = 'whitelist_version'"
+    " AND (m.value != ? OR a.network IS NOT NULL OR t.network IS NOT NULL)")
 
 
 class Snapshot:
     """policy.Facts for one decision, read by one statement (FACTS_SQL) at the
     first question: the whitelist version, the network's auto-whitelist entry
     and the triplet, each a primary-key search. Asked about another network
-    or triplet, it asks the store directly."""
+    or triplet, it asks the store directly.
+
+    The statement yields no row when it has nothing to tell: the whitelist is
+    still the version this connection holds, and neither entry exists. That
+    is every new triplet of a spam flood, and it is worth the WHERE clause:
+    Python's sqlite3 module lets go of the GIL around each column of a row it
+    fetches, and each of those is a chance for a hundred session threads to
+    wake and wait for it again (scripts/bench).
+    """
 
     def __init__(self, store: Store, network: str, triplet: Triplet):
         self.store, self.network, self.triplet = store, network, triplet
@@ -377,9 +386,10 @@ class Snapshot:
 
     def _read(self) -> tuple:
         if self._row is None:
-            t = self.triplet
+            t, known = self.triplet, self.store._whitelist_version
             self._row = self.store.conn.execute(
-                FACTS_SQL, (self.network, t.network, t.sender, t.recipient)).fetchone()
+                FACTS_SQL, (self.network, t.network, t.sender, t.recipient, known),
+            ).fetchone() or (known, None, None, None, None, None)
         return self._row
 
     def whitelist(self) -> policy.Whitelist:

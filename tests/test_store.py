@@ -494,7 +494,7 @@ def test_a_hundred_concurrent_writers_all_succeed(path):
 # -- one statement per decision's reads; many decisions per write ------------------------
 
 def test_the_facts_of_a_decision_are_three_primary_key_searches(store):
-    args = (NET, NET, "a@b", "c@d")
+    args = (NET, NET, "a@b", "c@d", 0)
     plan = [row[3] for row in store.conn.execute("EXPLAIN QUERY PLAN " + storage.FACTS_SQL, args)]
     assert [detail.split()[:2] for detail in plan] == [["SEARCH", "m"], ["SEARCH", "a"],
                                                        ["SEARCH", "t"]], plan
@@ -514,6 +514,23 @@ def test_a_snapshot_answers_as_the_separate_queries_do(store):
     assert facts.auto_entry(NET) == store.auto_entry(NET) == AutoEntry(3, T + 5)
     assert facts.whitelist() == store.whitelist()
     assert facts.seen(other) is None and facts.auto_entry("192.0.2.0/24") is None
+
+
+def test_a_new_triplet_reads_no_row_yet_sees_another_connections_whitelist(store, path):
+    """Nothing to tell (the whitelist this connection holds, no entries) is
+    no row at all; a whitelist changed elsewhere still comes through."""
+    store.facts(NET, TRIPLET).whitelist()           # the connection now holds version 0
+    args = (NET, NET, TRIPLET.sender, TRIPLET.recipient, 0)
+    assert store.conn.execute(storage.FACTS_SQL, args).fetchone() is None
+    facts = store.facts(NET, TRIPLET)
+    assert facts.seen(TRIPLET) is None and facts.auto_entry(NET) is None
+    assert facts.whitelist() == store.whitelist()
+    with Store(path) as other:
+        other.add_whitelist("sender", "vip@example.org")
+    assert store.conn.execute(storage.FACTS_SQL, args).fetchone() is not None
+    request = policy.Request(client="192.0.2.1", sender="vip@example.org",
+                             recipient="bob@localhost")
+    assert store.facts(NET, TRIPLET).whitelist().match(request, T) is not None
 
 
 def table(store, name):
