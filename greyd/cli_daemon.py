@@ -22,7 +22,7 @@ import click
 from . import config as configuration, log
 from .admission import SharedCounts
 from .clitools import GreydError, echo_json, load_config
-from .daemonize import Pidfile, alive, detach, drop_privileges, lookup_user
+from .daemonize import Pidfile, alive, batch_scheduling, detach, drop_privileges, lookup_user
 from .server import GRACE, Daemon
 from .smtp import Context
 from .store import StorePool
@@ -53,6 +53,7 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
     running = pidfile.running()
     if running:
         raise GreydError(f"already running (pid {running}, pidfile {pidfile.path})")
+    batch_scheduling()                  # before any thread: they all inherit it
     try:
         logger = log.setup(config.log, stderr=foreground)
     except OSError as error:

@@ -58,10 +58,11 @@ def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 10) -> N
 class Foreground:
     """`greyd start --foreground` in a subprocess, stopped with SIGTERM at the end."""
 
-    def __init__(self, config: Path, *extra: str):
+    def __init__(self, config: Path, *extra: str, prefix: list[str] = ()):
         # A file, not a pipe: a chatty daemon must never block on a full pipe.
         self._log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([GREYD, "-c", str(config), "start", "--foreground", *extra],
+        self.proc = subprocess.Popen([*prefix, GREYD, "-c", str(config), "start", "--foreground",
+                                      *extra],
                                      stdout=subprocess.DEVNULL, stderr=self._log, text=True)
         self.stderr = ""
 

@@ -70,6 +70,35 @@ def test_workers_share_the_port_the_database_and_stop_with_the_master(
     assert not (tmp_path / "var/greyd.pid").exists()
 
 
+def thread_policies(pids) -> dict[tuple[int, int], int]:
+    """The scheduling policy of every thread of these processes."""
+    return {(pid, int(task)): os.sched_getscheduler(int(task))
+            for pid in pids for task in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.parametrize("chrt, policy", [((), os.SCHED_BATCH),
+                                          (("chrt", "--idle", "0"), os.SCHED_IDLE)],
+                         ids=["default", "started-under-chrt"])
+def test_every_thread_of_the_master_and_the_workers_runs_under_sched_batch(
+        workers_config, port, chrt, policy):
+    """greyd asks for SCHED_BATCH before it starts a thread or a worker
+    (greyd.daemonize.batch_scheduling), and the threads of live sessions have
+    it too; a policy greyd was started under (here by chrt) is kept."""
+    with Foreground(workers_config, prefix=list(chrt)) as daemon:
+        wait_listening(port)
+        master = daemon.proc.pid
+        workers = wait_for(lambda: len(children(master)) == WORKERS and children(master),
+                           what="the workers")
+        clients = [Raw(port) for _ in range(3)]
+        assert [client.greeting[0] for client in clients] == [220] * 3
+        policies = thread_policies({master, *workers})
+        for client in clients:
+            client.close()
+        assert daemon.stop() == 0
+    assert len(policies) >= 1 + WORKERS * 3 + len(clients)   # main, writer, accept(), sessions
+    assert set(policies.values()) == {policy}, policies
+
+
 def test_the_per_client_limit_holds_across_workers(workers_config, port):
     with Foreground(workers_config) as daemon:
         wait_listening(port)
