@@ -79,11 +79,12 @@ def thread_policies(pids) -> dict[tuple[int, int], int]:
 @pytest.mark.parametrize("chrt, policy", [((), os.SCHED_BATCH),
                                           (("chrt", "--idle", "0"), os.SCHED_IDLE)],
                          ids=["default", "started-under-chrt"])
-def test_every_thread_of_the_master_and_the_workers_runs_under_sched_batch(
+def test_threads_run_under_sched_batch_and_each_worker_on_one_cpu(
         workers_config, port, chrt, policy):
     """greyd asks for SCHED_BATCH before it starts a thread or a worker
     (greyd.daemonize.batch_scheduling), and the threads of live sessions have
-    it too; a policy greyd was started under (here by chrt) is kept."""
+    it too; a policy greyd was started under (here by chrt) is kept. Each
+    worker is bound to one CPU (greyd.workers.bind_to_cpu)."""
     with Foreground(workers_config, prefix=list(chrt)) as daemon:
         wait_listening(port)
         master = daemon.proc.pid
@@ -92,11 +93,16 @@ def test_every_thread_of_the_master_and_the_workers_runs_under_sched_batch(
         clients = [Raw(port) for _ in range(3)]
         assert [client.greeting[0] for client in clients] == [220] * 3
         policies = thread_policies({master, *workers})
+        cpus = sorted(os.sched_getaffinity(master))
+        bound = sorted(sorted(os.sched_getaffinity(pid)) for pid in workers)
         for client in clients:
             client.close()
         assert daemon.stop() == 0
     assert len(policies) >= 1 + WORKERS * 3 + len(clients)   # main, writer, accept(), sessions
     assert set(policies.values()) == {policy}, policies
+    # Each worker on one CPU of the master's, round robin; the master unbound.
+    assert cpus == sorted(os.sched_getaffinity(0))
+    assert bound == sorted([cpu] for cpu in (cpus * WORKERS)[:WORKERS])
 
 
 def test_the_per_client_limit_holds_across_workers(workers_config, port):
