@@ -151,7 +151,7 @@ class Session:
                 self.relay.quit()
             if self.dns is None and self._pending is not None and self._pending.ready():
                 self.client_dns()
-            self.ctx.logger.info("session end %s", log.fields(
+            log.info(self.ctx.logger, "session end " + log.fields(
                 id=self.id, client=self.client, name=self.client_name or "unknown",
                 helo=self.helo, messages=self.messages,
                 errors=self.errors, end=self.end, seconds=f"{time.monotonic() - started:.3f}"))
@@ -351,7 +351,7 @@ class Session:
             pool.health.failed(error)
             verdict = policy.without_store(request, self.ctx.rules,
                                            self.config.greylist.on_store_error)
-        self.ctx.logger.info("decision %s", log.fields(
+        log.info(self.ctx.logger, "decision " + log.fields(
             id=self.id, client=self.client, name=self.client_name or "unknown",
             helo=self.helo, **{"from": request.sender},
             to=recipient, action=verdict.action, reason=verdict.reason,
@@ -437,7 +437,7 @@ class Session:
         reply = self.relay.data(self.trace_headers(envelope) + message)
         if reply.code == 250:
             self.messages += 1
-        self.ctx.logger.info("message %s", log.fields(
+        log.info(self.ctx.logger, "message " + log.fields(
             id=self.id, client=self.client, **{"from": envelope.sender},
             to=",".join(envelope.recipients), size=len(message), status=reply.code,
             reply=reply.text))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import re
+import time
 
 import pytest
+from hypothesis import given, strategies as st
 
 from greyd import log
 
@@ -32,3 +37,58 @@ def test_time_text_is_logging_s_own(times):
 
 def test_fields_quote_what_is_not_a_plain_word():
     assert log.fields(a=300, b=None, c="x y", d='q"=') == 'a=300 b="" c="x y" d="q\\"="'
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True),
+                       st.none() | st.integers() | st.text() | st.booleans()))
+def test_fields_says_what_quote_says_of_each_value(values):
+    assert log.fields(**values) == " ".join(f"{k}={log.quote(v)}" for k, v in values.items())
+
+
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+
+
+@pytest.fixture
+def batched():
+    """A logger as log.setup leaves it: greyd's batching handler alone, on a stream."""
+    stream = io.StringIO()
+    target = logging.StreamHandler(stream)
+    handler = log.Batched([target], log.Formatter(log.FORMAT))
+    logger = logging.getLogger(f"{log.LOGGER}.test_log")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    yield logger, handler, stream
+    logger.removeHandler(handler)
+    handler.close()
+
+
+def test_info_writes_the_line_logging_would(batched):
+    logger, handler, stream = batched
+    before = time.strftime("%Y-%m-%d %H:%M:%S")
+    logger.info("decision %s", 'to=bob action=greylist reason="new"')
+    log.info(logger, 'decision to=bob action=greylist reason="new"')
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert all(STAMP.match(line) and line[:19] >= before for line in lines), lines
+    assert STAMP.sub("", lines[0]) == STAMP.sub("", lines[1]) == \
+        f'greyd[{os.getpid()}]: INFO decision to=bob action=greylist reason="new"'
+
+
+def test_info_goes_through_logging_when_another_handler_listens(batched):
+    logger, handler, stream = batched
+    seen: list[logging.LogRecord] = []
+    other = logging.Handler()
+    other.emit = seen.append
+    logger.addHandler(other)
+    try:
+        log.info(logger, "session end id=1")
+    finally:
+        logger.removeHandler(other)
+    logger.setLevel(logging.WARNING)
+    log.info(logger, "decision id=2")               # below the logger's level: nothing
+    handler.flush()
+    assert [record.getMessage() for record in seen] == ["session end id=1"]
+    assert [STAMP.sub("", line) for line in stream.getvalue().splitlines()] == \
+        [f"greyd[{os.getpid()}]: INFO session end id=1"]
