@@ -33,7 +33,6 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections import Counter
 from typing import TYPE_CHECKING
 
 from . import log
@@ -91,7 +90,7 @@ class Recorder:
         # when a session waits for it (after a failure), else None
         self._queue: list[tuple[tuple[Verdict, float, int], int, list | None]] = []
         self._queued = self._done = 0         # sequence numbers: last queued, last finished
-        self._pending: Counter = Counter()   # keys of queued verdicts (see _keys)
+        self._pending: dict = {}              # keys of queued verdicts (see _keys): how many
         self._thread: threading.Thread | None = None
 
     def record(self, verdict: Verdict, now: float, *, max_age: int) -> None:
@@ -102,8 +101,9 @@ class Recorder:
             self._queued += 1
             number = self._queued
             self._queue.append(((verdict, now, max_age), number, outcome))
+            pending = self._pending           # a plain dict: Counter's methods are Python
             for key in _keys(verdict):
-                self._pending[key] += 1
+                pending[key] = pending.get(key, 0) + 1
             if len(self._queue) == 1:
                 self._work.notify()
             self._start()
@@ -151,13 +151,16 @@ class Recorder:
                 lot, self._queue = self._queue, []
             error = self._commit([decision for decision, _, _ in lot])
             with self._lock:
+                pending = self._pending
                 for (verdict, _, _), _, outcome in lot:
                     if outcome is not None:
                         outcome.append(error)
                     for key in _keys(verdict):
-                        self._pending[key] -= 1
-                        if not self._pending[key]:
-                            del self._pending[key]
+                        left = pending[key] - 1
+                        if left:
+                            pending[key] = left
+                        else:
+                            del pending[key]
                 self._done = lot[-1][1]
                 self._written.notify_all()
 
