@@ -33,15 +33,7 @@ def quote(value: object) -> str:
 
 def fields(**values: object) -> str:
     """'key=value key="quoted value"' in the order given."""
-    # quote(), unrolled: a session writes two of these lines, twenty fields.
-    plain, parts = _PLAIN.fullmatch, []
-    for key, value in values.items():
-        if type(value) is not int:
-            value = "" if value is None else str(value)
-            if not plain(value):
-                value = json.dumps(value, ensure_ascii=True)
-        parts.append(f"{key}={value}")
-    return " ".join(parts)
+    return " ".join(f"{key}={quote(value)}" for key, value in values.items())
 
 
 def info(logger: logging.Logger, message: str) -> None:
