@@ -71,9 +71,16 @@ def test_workers_share_the_port_the_database_and_stop_with_the_master(
 
 
 def thread_policies(pids) -> dict[tuple[int, int], int]:
-    """The scheduling policy of every thread of these processes."""
-    return {(pid, int(task)): os.sched_getscheduler(int(task))
-            for pid in pids for task in os.listdir(f"/proc/{pid}/task")}
+    """The scheduling policy of every thread of these processes (a thread
+    that ends while they are looked at is left out)."""
+    policies = {}
+    for pid in pids:
+        for task in map(int, os.listdir(f"/proc/{pid}/task")):
+            try:
+                policies[pid, task] = os.sched_getscheduler(task)
+            except ProcessLookupError:
+                pass
+    return policies
 
 
 @pytest.mark.parametrize("chrt, policy", [((), os.SCHED_BATCH),
