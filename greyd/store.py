@@ -437,7 +437,7 @@ class StorePool:
         self._keep = keep
         self._write_lock = threading.Lock()     # one writer at a time in this process
         self._idle: list[Store] = []            # all of the current generation
-        self._lent: Counter[int] = Counter()   # borrowed connections by generation
+        self._lent: dict[int, int] = {}         # borrowed connections by generation
         self._generation = 0                    # counts the files seen at the path
         self._file: tuple | None | object = _UNSEEN
         self._lock = threading.Lock()
@@ -491,7 +491,7 @@ class StorePool:
                 self._applied = look
                 self._look(state)
             generation = self._generation
-            self._lent[generation] += 1
+            self._lent[generation] = self._lent.get(generation, 0) + 1
             if self._idle:
                 return self._idle.pop(), generation
             # Two files at one path must never be open at once: they would share
@@ -547,8 +547,10 @@ class StorePool:
         return any(g < generation for g in self._lent)
 
     def _returned(self, generation: int) -> None:
-        self._lent[generation] -= 1
-        if not self._lent[generation]:
+        left = self._lent[generation] - 1
+        if left:
+            self._lent[generation] = left
+        else:
             del self._lent[generation]
         if self._waiters:
             self._cond.notify_all()
