@@ -224,9 +224,13 @@ class Session:
     def _dispatch(self, line: bytes) -> Reply:
         if not line:
             return replies.LINE_TOO_LONG
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\0" in line:
+        if not line.endswith(b"\r\n"):
             return replies.BAD_CHARACTERS
+        # Looked for in the text, not the bytes: `bytes in bytes` first tries
+        # its operand as an int, and raises and clears a TypeError each time.
         text = line[:-2].decode("ascii", "surrogateescape")
+        if "\r" in text or "\0" in text:
+            return replies.BAD_CHARACTERS
         verb, _, arg = text.partition(" ")
         verb = self.verb = verb.upper()
         limit = COMMAND_LIMIT + (MAIL_ALLOWANCE if verb == "MAIL" else 0)
