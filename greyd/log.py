@@ -19,6 +19,8 @@ from pathlib import Path
 
 LOGGER = "greyd"
 _PLAIN = re.compile(r"[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+")
+_PLAIN_LINE = re.compile(r"[a-z_]+=[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+"
+                         r"(?: [a-z_]+=[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+)*")
 FORMAT = "%(asctime)s greyd[%(process)d]: %(levelname)s %(message)s"
 
 
@@ -33,6 +35,14 @@ def quote(value: object) -> str:
 
 def fields(**values: object) -> str:
     """'key=value key="quoted value"' in the order given."""
+    # Most lines need no quoting at all: one look at the whole line then,
+    # not one per value. It is the line quote() would make when the line has
+    # an '=' per key only (no value holds one, so no value holds a space that
+    # the pattern could take for the start of another key) and no value is None.
+    line = " ".join([f"{key}={value!s}" for key, value in values.items()])
+    if (_PLAIN_LINE.fullmatch(line) and line.count("=") == len(values)
+            and None not in values.values()):
+        return line
     return " ".join(f"{key}={quote(value)}" for key, value in values.items())
 
 

@@ -9,6 +9,7 @@ import re
 import time
 
 import pytest
+from hypothesis import example, given, settings, strategies as st
 
 from greyd import log
 
@@ -36,6 +37,23 @@ def test_time_text_is_logging_s_own(times):
 
 def test_fields_quote_what_is_not_a_plain_word():
     assert log.fields(a=300, b=None, c="x y", d='q"=') == 'a=300 b="" c="x y" d="q\\"="'
+
+
+# Values that come close to a plain line: spaces and '=' that could pass for
+# another key, quotes, backslashes, line ends, nothing at all.
+tricky = st.text(alphabet='ab_= "\\\r\n\0é', max_size=8)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@given(values=st.dictionaries(st.from_regex(r"[a-z_]{1,6}", fullmatch=True),
+                              st.one_of(st.none(), st.integers(), tricky, st.text(max_size=8)),
+                              min_size=1, max_size=5))
+@example(values={"helo": "x action=accept", "to": "y"})
+@example(values={"helo": "x", "to": "a b=c"})
+@example(values={"a": "", "b": "c"})
+def test_fields_quote_each_value_as_quote_alone_would(values):
+    """The whole-line shortcut gives the line that quoting value by value gives."""
+    assert log.fields(**values) == " ".join(f"{k}={log.quote(v)}" for k, v in values.items())
 
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
