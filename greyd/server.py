@@ -49,18 +49,22 @@ class Connection(io.RawIOBase):
     The socket stays in blocking mode and the kernel keeps the timeouts
     (SO_RCVTIMEO, SO_SNDTIMEO): Python's own socket timeout costs a poll()
     before every recv and an ioctl() at every change, each one more release
-    of the GIL to a hundred waiting threads. The receive timeout is set anew
-    only when it is more than SLACK away from the time left, so a brisk
-    session sets it once.
+    of the GIL to a hundred waiting threads. The socket comes with its
+    listener's options (`Listener.set_socket_options`), among them a receive
+    timeout of `wake` seconds: a read wakes at least that often to look at
+    the deadline, and the timeout is set anew only when the time left is
+    shorter by more than SLACK. So a brisk session sets no option at all;
+    in Python each setsockopt() with a timeval first fails to parse it as an
+    integer, twice, and raises and clears a TypeError each time.
     """
 
     SLACK = 0.5
 
-    def __init__(self, sock: socket.socket, send_timeout: float):
+    def __init__(self, sock: socket.socket, wake: float):
         self.sock = sock                # blocking: accepted from a listener without a timeout
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send_timeout))
-        self.deadline = time.monotonic() + send_timeout
-        self._armed = 0.0           # the receive timeout the kernel has now
+        self.deadline = time.monotonic() + wake
+        self.wake = wake
+        self._armed = wake          # the receive timeout the kernel has now
 
     def readable(self) -> bool:
         return True
@@ -69,16 +73,18 @@ class Connection(io.RawIOBase):
         self.deadline = time.monotonic() + seconds
 
     def readinto(self, buffer) -> int:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("deadline passed")
-        if abs(remaining - self._armed) > self.SLACK:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(remaining))
-            self._armed = remaining
-        try:
-            return self.sock.recv_into(buffer)
-        except BlockingIOError:     # EAGAIN: the kernel's receive timeout ran out
-            raise socket.timeout("read timed out") from None
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("deadline passed")
+            wanted = remaining if remaining < self.wake else self.wake
+            if abs(wanted - self._armed) > self.SLACK:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(wanted))
+                self._armed = wanted
+            try:
+                return self.sock.recv_into(buffer)
+            except BlockingIOError:     # EAGAIN: the kernel's receive timeout ran out,
+                continue                # which may be before the deadline
 
     def send(self, data: bytes) -> None:
         try:
@@ -98,9 +104,8 @@ class Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock = self.request
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ctx = self.server.ctx
-        conn = Connection(sock, ctx.config.server.command_timeout)
+        conn = Connection(sock, IDLE_TIMEOUT)       # TCP_NODELAY and timeouts: its listener's
         with io.BufferedReader(conn, READ_BUFFER) as rfile:
             session = Session(ctx, peer_ip(self.client_address), rfile, conn.send, conn.expect)
             self.server.admission.attach(sock, session)
@@ -128,10 +133,24 @@ class Listener(socketserver.ThreadingTCPServer):
             if self.address_family == socket.AF_INET6:
                 self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             self.server_bind()
+            self.set_socket_options()       # before listen(): every client inherits them
             self.server_activate()
         except BaseException:
             self.server_close()
             raise
+
+    def set_socket_options(self) -> None:
+        """What each accepted socket inherits from the listening one (Linux):
+        TCP_NODELAY (replies go out at once), the send timeout
+        (server.command_timeout: a client that does not read is let go),
+        and a receive timeout of IDLE_TIMEOUT, which bounds accept() here
+        and, in a session, how long a read sleeps before it looks at its
+        deadline again (`Connection`). Set once here, not for each client."""
+        sock = self.socket
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        _timeval(self.ctx.config.server.command_timeout))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(IDLE_TIMEOUT))
 
     # -- serving: threads that accept their own clients -----------------------
 
@@ -147,7 +166,6 @@ class Listener(socketserver.ThreadingTCPServer):
         left waiting after a burst leave once IDLE_TIMEOUT passes with no
         client (the kernel's SO_RCVTIMEO bounds accept()), down to one.
         """
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(IDLE_TIMEOUT))
         with self._lock:
             self._waiting += 1
         self._spawn()
@@ -285,6 +303,7 @@ class Daemon:
             old.lookup.close()    # its sessions' lookups under way still finish
         for listener in self.listeners:
             listener.ctx = self.ctx
+            listener.set_socket_options()     # a new command_timeout, for new clients
         self.admission.max_connections = config.server.max_connections
         self.admission.per_client = config.server.max_connections_per_client
         if tuple(config.server.listen) != tuple(old.config.server.listen):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import threading
 import time
 
@@ -10,7 +12,7 @@ import pytest
 
 from conftest import write_config
 from greyd import config as configuration, replies
-from greyd.server import Daemon
+from greyd.server import IDLE_TIMEOUT, Daemon
 from greyd.smtp import JUNK_LIMIT, STRESS_TIMEOUT, Context
 from greyd.store import StorePool
 from smtpclient import Raw
@@ -89,3 +91,60 @@ def test_idle_timeouts_shrink_while_connections_are_scarce(start_greyd, upstream
         assert STRESS_TIMEOUT - 1 < time.monotonic() - started < STRESS_TIMEOUT + 5
     for conn in held:
         conn.close()
+
+
+def session_socket(g) -> socket.socket:
+    """The server side of the one session `g` serves now."""
+    assert until_true(lambda: len(g.daemon.admission.sockets) == 1)
+    return next(iter(g.daemon.admission.sockets))
+
+
+def until_true(check, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def timeval(sock: socket.socket, option: int) -> float:
+    seconds, micros = struct.unpack("@ll", sock.getsockopt(socket.SOL_SOCKET, option, 16))
+    return seconds + micros / 1e6
+
+
+def test_sessions_get_their_socket_options_from_the_listener_and_a_reload(
+        start_greyd, upstream, tmp_path):
+    """TCP_NODELAY and the timeouts are set on the listening socket, once, and
+    each accepted socket inherits them; a reload's command_timeout reaches
+    the clients that come after it."""
+    g = start_greyd(upstream.port, server={"command_timeout": 7})
+    with g.raw() as client:
+        assert client.cmd("EHLO client.example.net")[0] == 250
+        sock = session_socket(g)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert timeval(sock, socket.SO_SNDTIMEO) == 7
+        assert timeval(sock, socket.SO_RCVTIMEO) == IDLE_TIMEOUT   # a brisk session sets none
+    assert g.daemon.admission.wait_idle(5)
+    reloaded = configuration.load(write_config(tmp_path, upstream.port,
+                                               server={"command_timeout": 9}))
+    g.daemon.reconfigure(reloaded)
+    with g.raw() as client:
+        assert client.cmd("EHLO client.example.net")[0] == 250
+        assert timeval(session_socket(g), socket.SO_SNDTIMEO) == 9
+
+
+def test_a_quiet_client_outlasts_the_reads_wake_up_and_times_out_at_its_deadline(
+        start_greyd, upstream):
+    """A read sleeps IDLE_TIMEOUT at most, then looks at its deadline and sleeps
+    again: a client quiet for longer than that is still served, and one
+    quiet for command_timeout is told 421."""
+    timeout = int(2 * IDLE_TIMEOUT) + 1
+    g = start_greyd(upstream.port, server={"command_timeout": timeout})
+    with g.raw(timeout=timeout + 10) as client:
+        time.sleep(IDLE_TIMEOUT + 0.5)
+        assert client.cmd("NOOP") == (250, replies.OK.text)
+        started = time.monotonic()
+        assert client.reply() == (421, replies.TIMEOUT.text)
+        assert timeout - 0.6 < time.monotonic() - started < timeout + 2
+        assert client.closed()
