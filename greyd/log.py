@@ -124,10 +124,20 @@ class Formatter(logging.Formatter):
         """What format() makes of a record of `message` at `level` logged now,
         with no exception or stack attached (`info`)."""
         created = time.time()
-        return self._fmt % {
-            "asctime": self.stamp(created, (created - int(created)) * 1000),
-            "process": os.getpid(), "levelname": logging.getLevelName(level),
-            "message": message}
+        stamp = self.stamp(created, (created - int(created)) * 1000)
+        if self._fmt == FORMAT:             # greyd's own: an f-string, no dict, no getpid()
+            return f"{stamp} greyd[{_pid}]: {logging.getLevelName(level)} {message}"
+        return self._fmt % {"asctime": stamp, "process": os.getpid(),
+                            "levelname": logging.getLevelName(level), "message": message}
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+_pid = os.getpid()          # this process's, for log lines (Formatter.line)
+os.register_at_fork(after_in_child=_forked)
 
 
 class Batched(logging.Handler):

@@ -65,11 +65,15 @@ def batched():
     stream = io.StringIO()
     target = logging.StreamHandler(stream)
     handler = log.Batched([target], log.Formatter(log.FORMAT))
-    logger = logging.getLogger(f"{log.LOGGER}.test_log")
+    # Not through getLogger(): pytest adds its capturing handlers to every
+    # registered logger that does not propagate, and log.info would then take
+    # logging's way, not its own.
+    logger = logging.Logger(f"{log.LOGGER}.test_log")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     logger.addHandler(handler)
     yield logger, handler, stream
+    assert logger.handlers == [handler]
     logger.removeHandler(handler)
     handler.close()
 
@@ -87,6 +91,24 @@ def test_info_writes_the_line_logging_would(batched):
         f'greyd[{os.getpid()}]: INFO decision to=bob action=greylist reason="new"'
 
 
+def test_info_names_a_forked_worker_by_its_own_pid(batched):
+    logger, handler, stream = batched
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:                  # the worker: its line, through the pipe, then out
+        try:
+            log.info(logger, "decision to=bob")
+            handler.flush()
+            os.write(write, stream.getvalue().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        line = pipe.read().decode()
+    assert os.waitpid(child, 0)[1] == 0
+    assert STAMP.sub("", line) == f"greyd[{child}]: INFO decision to=bob\n"
+
+
 def test_info_goes_through_logging_when_another_handler_listens(batched):
     logger, handler, stream = batched
     seen: list[logging.LogRecord] = []
@@ -97,8 +119,10 @@ def test_info_goes_through_logging_when_another_handler_listens(batched):
         log.info(logger, "session end id=1")
     finally:
         logger.removeHandler(other)
-    logger.setLevel(logging.WARNING)
-    log.info(logger, "decision id=2")               # below the logger's level: nothing
+    quiet = logging.Logger(logger.name, logging.WARNING)    # (setLevel() would leave the
+    quiet.propagate = False                                 # level cache of a logger that
+    quiet.addHandler(handler)                               # getLogger() did not make)
+    log.info(quiet, "decision id=2")                # below the logger's level: nothing
     handler.flush()
     assert [record.getMessage() for record in seen] == ["session end id=1"]
     assert [STAMP.sub("", line) for line in stream.getvalue().splitlines()] == \
