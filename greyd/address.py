@@ -20,7 +20,7 @@ from .replies import Reply
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
 _DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
 _QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_LABEL = r"[A-Za-z0-9]+(?:-+[A-Za-z0-9]+)*"          # no backtracking at each label's end
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
 _LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
 _MAILBOX = re.compile(rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})")
@@ -92,7 +92,7 @@ def _mailbox(inner: str, *, null_ok: bool, bad: Reply) -> str:
         inner = inner[route.end():]
     if not null_ok and inner.lower() == "postmaster":
         return inner
-    if not _MAILBOX.fullmatch(inner) or _ENCODED_WORD.search(inner):
+    if not _MAILBOX.fullmatch(inner) or ("=?" in inner and _ENCODED_WORD.search(inner)):
         raise PathError(bad)
     local, _, domain = inner.rpartition("@")
     if len(local) > MAX_LOCAL or len(domain) > MAX_DOMAIN:

@@ -211,6 +211,7 @@ _BATV = re.compile(r"^(?:(?:prvs|msprvs\d*)=[^=@]*=|btv1==[^=@]*==)")
 _SRS0 = re.compile(r"^srs0[=+-][^=@]*=[^=@]*=")
 _SRS1 = re.compile(r"^srs1[=+-][^=@]*=([^@]*?)==[^=@]*=[^=@]*=")
 _DIGITS = re.compile(r"[0-9]+")
+_ROUTING = re.compile(r"[%!@:]")     # in a local part: routing an MTA might act on
 
 
 def normalize_sender(sender: str) -> str:
@@ -223,10 +224,11 @@ def normalize_sender(sender: str) -> str:
     if not sender:
         return "<>"
     address = sender.lower()
-    while _BATV.match(address):
-        address = _BATV.sub("", address, count=1)
-    address = _SRS1.sub(r"srs1=\1==", address)
-    address = _SRS0.sub("srs0=", address)
+    if "=" in address:              # BATV and SRS both need one; most senders have none
+        while _BATV.match(address):
+            address = _BATV.sub("", address, count=1)
+        address = _SRS1.sub(r"srs1=\1==", address)
+        address = _SRS0.sub("srs0=", address)
     local, at, domain = address.rpartition("@")
     if at and "+" in local:
         address = local.split("+", 1)[0] + "@" + domain
@@ -254,7 +256,7 @@ def relay_allowed(recipient: str, domains: Iterable[str]) -> bool:
     if recipient.lower() == "postmaster":
         return True
     local, at, domain = recipient.rpartition("@")
-    if not at or not local or any(ch in local for ch in "%!@:"):
+    if not at or not local or _ROUTING.search(local):
         return False
     return domain_matches(domain.lower(), domains)
 
