@@ -12,7 +12,7 @@ characters or CR/LF that the relay check never saw.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import replies
 from .replies import Reply
@@ -42,10 +42,9 @@ class PathError(Exception):
         self.reply = reply
 
 
-@dataclass(frozen=True)
-class Path:
+class Path(NamedTuple):
     address: str                                   # "" for the null sender
-    params: dict[str, str | None] = field(default_factory=dict)
+    params: dict[str, str | None]
 
 
 def parse(arg: str, keyword: str, *, null_ok: bool, bad: Reply) -> Path:
