@@ -40,11 +40,11 @@ class Reply(NamedTuple):
 
     def encode(self) -> bytes:
         """The reply as it goes on the wire, RFC 5321 4.2.1 multi-line form."""
-        return _encoded(self)
+        return encoded(self)
 
 
 @lru_cache(maxsize=256)
-def _encoded(reply: Reply) -> bytes:
+def encoded(reply: Reply) -> bytes:
     """Reply.encode, kept for the replies said over and over (most are constants)."""
     last = len(reply.lines) - 1
     out = []
@@ -135,8 +135,8 @@ _ERRORS = frozenset({
 })
 
 
-_ERROR_CODES = frozenset(reply.code for reply in _ERRORS)
+ERROR_CODES = frozenset(reply.code for reply in _ERRORS)   # a first look, without a call
 
 
 def is_error(reply: Reply) -> bool:
-    return reply.code in _ERROR_CODES and reply in _ERRORS
+    return reply.code in ERROR_CODES and reply in _ERRORS

@@ -157,7 +157,7 @@ class Session:
                 errors=self.errors, end=self.end, seconds=f"{time.monotonic() - started:.3f}"))
 
     def send(self, reply: Reply) -> None:
-        self._send(reply.encode())
+        self._send(replies.encoded(reply))
 
     def send_quietly(self, reply: Reply) -> None:
         try:
@@ -213,7 +213,8 @@ class Session:
         reply = self._dispatch(line)
         if self.verb in JUNK:
             self.junk += 1
-        if replies.is_error(reply) or (self.verb in JUNK and self.junk > JUNK_LIMIT):
+        if ((reply.code in replies.ERROR_CODES and replies.is_error(reply))
+                or (self.verb in JUNK and self.junk > JUNK_LIMIT)):
             self.errors += 1
             if self.errors >= self.config.server.max_errors:
                 self.done = True

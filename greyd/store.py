@@ -408,7 +408,7 @@ class Snapshot:
         return None if first is None else Seen(first, last, passed)
 
 
-def file_state(path: Path) -> tuple | None:
+def file_state(path: Path | str) -> tuple | None:
     """What a connection to `path` depends on: the file (device, inode) and
     who may write it (mode, owner); None when there is no file."""
     try:
@@ -434,6 +434,7 @@ class StorePool:
 
     def __init__(self, path: Path | str, keep: int = POOL_KEEP):
         self.path = Path(path)
+        self._where = str(self.path)            # for the stat at each borrow: no __fspath__
         self._keep = keep
         self._write_lock = threading.Lock()     # one writer at a time in this process
         self._idle: list[Store] = []            # all of the current generation
@@ -485,7 +486,7 @@ class StorePool:
         with self._lock:
             self._looks += 1
             look = self._looks
-        state = file_state(self.path)
+        state = file_state(self._where)
         with self._lock:
             if look > self._applied:
                 self._applied = look
