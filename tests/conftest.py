@@ -13,6 +13,8 @@ import logging
 import re
 import smtplib
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +152,16 @@ def logs():
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+def until(condition: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
 
 
 @pytest.fixture

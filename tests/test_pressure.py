@@ -20,10 +20,10 @@ import smtplib
 import socket
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
+from conftest import until
 from greyd import replies
 from greyd.replies import Reply
 from greyd.server import GRACE
@@ -71,16 +71,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def until(condition: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
 
 
 def settled(pid: int, timeout: float = 10) -> int:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import write_config
+from conftest import until, write_config
 from greyd import config as configuration, replies
 from greyd.server import IDLE_TIMEOUT, Daemon
 from greyd.smtp import JUNK_LIMIT, STRESS_TIMEOUT, Context
@@ -95,17 +95,8 @@ def test_idle_timeouts_shrink_while_connections_are_scarce(start_greyd, upstream
 
 def session_socket(g) -> socket.socket:
     """The server side of the one session `g` serves now."""
-    assert until_true(lambda: len(g.daemon.admission.sockets) == 1)
+    assert until(lambda: len(g.daemon.admission.sockets) == 1, 5)
     return next(iter(g.daemon.admission.sockets))
-
-
-def until_true(check, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def timeval(sock: socket.socket, option: int) -> float:
