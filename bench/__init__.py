@@ -1,0 +1,39 @@
+"""greyd's benchmark: how fast greyd is, measured against what loopback SMTP allows.
+
+It starts greyd (a temporary config, database and log) and a fast upstream
+sink on 127.0.0.1, drives greyd with a concurrent SMTP client, runs the same
+client and dialogues straight against the sink in the same run, and prints
+every figure with its ratio to the sink and its target:
+
+  throughput  deferred sessions/s (fresh triplets: connect, HELO/EHLO, MAIL,
+              RCPT -> 4xx, QUIT) and passed messages/s (1 KiB, relayed to the
+              sink), at concurrency 20 and 100; p50/p99 session latency
+  memory      greyd's RSS idle, and with 1,000 idle connections held open
+  store       one decision (policy.decide + store.record) at 1,000,000
+              triplets; database bytes per triplet; `greyd cleanup` removing
+              1,000,000 expired triplets while a client keeps sending RCPTs
+
+Postfix's smtp-source and smtp-sink are the reference client and sink when
+installed; otherwise a pure-Python asyncio client and sink stand in, and the
+output says so. Session latencies always come from the Python client. Speed
+is reported, never asserted: the exit status is 0 when every measurement ran,
+1 when one failed. Everything started here is stopped on exit, and every load
+loop is bounded in count and in time.
+
+The modules, one job each:
+
+  processes   child processes: start, wait for a 220, stop; bounded runs
+  sink        the sinks: smtp-sink and the Python sink
+  client      the load clients: smtp-source and the Python client
+  daemon      the greyd under test: config, start, stop, CPU, RSS, its log
+  report      tables, targets, failures and the statistics they print
+  throughput  section: sessions and messages per second, session latency
+  memory      section: greyd's RSS idle and with idle connections held
+  triplets    realistic triplets and a database holding them
+  store       section: decision time, bytes per triplet, cleanup under load
+  cli         the command line, the header, the summary
+
+The package needs only the standard library and greyd (its store and policy
+modules for the store section; the `greyd` command for the daemon). It is not
+installed with greyd: scripts/bench puts the repository root on sys.path.
+"""
