@@ -9,7 +9,7 @@ every figure with its ratio to the sink and its target:
               RCPT -> 4xx, QUIT) and passed messages/s (1 KiB, relayed to the
               sink), at concurrency 20 and 100; p50/p99 session latency
   memory      greyd's RSS idle, and with 1,000 idle connections held open
-  store       one decision (policy.decide + store.record) at 1,000,000
+  store       one decision (Greylister.decide, as the daemon) at 1,000,000
               triplets; database bytes per triplet; `greyd cleanup` removing
               1,000,000 expired triplets while a client keeps sending RCPTs
 

@@ -47,6 +47,13 @@ class Path(NamedTuple):
     params: dict[str, str | None]
 
 
+class MailParams(NamedTuple):
+    """The MAIL parameters greyd takes: SIZE (RFC 1870) and BODY (RFC 6152)."""
+
+    size: int | None = None
+    body: str | None = None
+
+
 def parse(arg: str, keyword: str, *, null_ok: bool, bad: Reply) -> Path:
     """Parse 'FROM:<a@b> SIZE=10' (keyword 'FROM') or 'TO:<...>' into a Path."""
     head, sep, rest = arg.partition(":")
@@ -112,3 +119,18 @@ def parse_params(text: str) -> dict[str, str | None]:
             raise PathError(replies.BAD_PARAMETER)
         params[key.upper()] = value if eq else None
     return params
+
+
+def mail_params(params: dict[str, str | None]) -> MailParams:
+    """SIZE= and BODY= from parsed MAIL parameters; any other is refused."""
+    size, body = None, None
+    for key, value in params.items():
+        if key == "SIZE" and value and value.isdigit() and len(value) <= 20:
+            size = int(value)
+        elif key == "BODY" and value and value.upper() in ("7BIT", "8BITMIME"):
+            body = value.upper()
+        elif key in ("SIZE", "BODY"):
+            raise PathError(replies.BAD_PARAMETER)
+        else:
+            raise PathError(replies.UNKNOWN_PARAMETER)
+    return MailParams(size, body)

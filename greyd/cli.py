@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
-import time
 
 import click
 
 from . import __version__, policy, replies
-from .clitools import GreydError, echo_json, load_config, open_store
+from .clitools import GreydError, echo_json, load_config, open_greylister, when
 from .dns import Lookup
+from .ip import client_address
+from .storage import StoreError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,7 +72,7 @@ def explain(ctx, client, sender, recipient, helo, as_json) -> None:
     if sender == "<>":
         sender = ""
     try:
-        client = str(policy.client_address(client))
+        client = str(client_address(client))
     except ValueError:
         raise GreydError(f"--client: not an IP address: {client}") from None
     lookup = Lookup(config.dns)
@@ -81,11 +82,8 @@ def explain(ctx, client, sender, recipient, helo, as_json) -> None:
         lookup.close()
     request = policy.Request(client, sender, recipient, helo=helo, client_name=facts.name,
                              dnswl=facts.dnswl, dnsbl=facts.dnsbl)
-    rules = policy.Rules.from_config(config.relay, config.greylist)
-    now = time.time()
-    with open_store(config, write=False) as store:
-        verdict = policy.decide(request, rules, store, now)
-        seen = store.seen(verdict.triplet) if verdict.triplet else None
+    with open_greylister(config) as greylister:
+        verdict, seen = greylister.explain(request)
     report = _explanation(request, verdict, seen)
     if as_json:
         echo_json(report)
@@ -112,17 +110,13 @@ def _explanation(request, verdict: policy.Verdict, seen: policy.Seen | None) -> 
         "recipient": request.recipient,
         "triplet": None if triplet is None else
                    f"{triplet.network} {triplet.sender} {triplet.recipient}",
-        "first_seen": _when(seen.first) if seen else None,
-        "last_seen": _when(seen.last) if seen else None,
-        "passed_at": _when(seen.passed) if seen and seen.passed else None,
+        "first_seen": when(seen.first) if seen else None,
+        "last_seen": when(seen.last) if seen else None,
+        "passed_at": when(seen.passed) if seen and seen.passed else None,
         "delayed": verdict.delayed,
         "retry_in": verdict.retry_in,
         "reply": f"{reply.code} {reply.text}" if reply else "the upstream MTA's reply to RCPT",
     }
-
-
-def _when(timestamp: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(timestamp))
 
 
 # -- command modules: each registers its commands here ------------------------------
@@ -138,6 +132,6 @@ def main() -> None:
     """Console entry point: any unforeseen error is still one line, exit 1."""
     try:
         cli(prog_name="greyd")
-    except (OSError, sqlite3.Error) as error:
+    except (OSError, sqlite3.Error, StoreError) as error:
         click.echo(f"greyd: {error}", err=True)
         sys.exit(1)

@@ -10,25 +10,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import click
 
-from . import config as configuration, log
+from . import config as configuration, log, values
 from .admission import SharedCounts
-from .clitools import GreydError, echo_json, load_config
+from .clitools import GreydError, echo_json, load_config, when
 from .daemonize import Pidfile, alive, batch_scheduling, detach, drop_privileges, lookup_user
+from .greylist import Greylister
 from .server import GRACE, Daemon
 from .smtp import Context
-from .store import StorePool
+from .storage import StoreError
+from .values import ConfigError
 from .workers import WATCH, Workers, master_alive
 
 STOP_WAIT = GRACE + 15.0    # seconds `greyd stop` waits for the exit
+
+logger = logging.getLogger(__name__)
 
 
 def state_path(config: configuration.Config) -> Path:
@@ -55,22 +59,22 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
         raise GreydError(f"already running (pid {running}, pidfile {pidfile.path})")
     batch_scheduling()                  # before any thread: they all inherit it
     try:
-        logger = log.setup(config.log, stderr=foreground)
+        log.setup(config.log, stderr=foreground)
     except OSError as error:
         raise GreydError(f"cannot open log file: {error}") from None
-    pool = _open_pool(config)
+    greylister = _open_greylister(config)
     workers = config.server.workers
     counts = SharedCounts(workers) if workers > 1 else None
     daemons: list[Daemon] = []
     try:
         for _ in range(workers):
-            daemons.append(Daemon(Context(config, pool, logger=logger), counts=counts))
+            daemons.append(Daemon(Context(config, greylister), counts=counts))
             # The others bind where the first did (a port 0 is now a real one).
             config = _bound(config, daemons[0].addresses)
     except OSError as error:
         for bound in daemons:
             bound.close()
-        listen_text = ", ".join(configuration.format_hostport(*a) for a in config.server.listen)
+        listen_text = ", ".join(values.format_hostport(*a) for a in config.server.listen)
         raise GreydError(f"cannot listen on {listen_text}: {error.strerror or error}") from None
     daemon = daemons[0]
     notify = None if foreground else detach()
@@ -85,14 +89,14 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
         raise GreydError(f"cannot start: {error}") from None
     signals = Signals()
     if notify:
-        listening = ", ".join(configuration.format_hostport(*a) for a in daemon.addresses)
+        listening = ", ".join(values.format_hostport(*a) for a in daemon.addresses)
         notify("", f"greyd started (pid {os.getpid()}), listening on {listening}")
     try:
         if counts is None:
             serve(daemon, signals, lambda: _reloaded(config, listen, foreground, daemon))
         else:
-            supervise(Workers(daemons, counts, _worker(config, listen, foreground, signals),
-                              logger), signals, lambda: _reopen_logs(config, foreground))
+            supervise(Workers(daemons, counts, _worker(config, listen, foreground, signals)),
+                      signals, lambda: _reopen_logs(config, foreground))
     finally:
         pidfile.remove()
         state_path(config).unlink(missing_ok=True)
@@ -106,7 +110,7 @@ def _bound(config: configuration.Config, addresses) -> configuration.Config:
 def _with_listen(config: configuration.Config, listen) -> configuration.Config:
     try:
         return configuration.with_listen(config, listen)
-    except configuration.ConfigError as error:
+    except ConfigError as error:
         raise GreydError(str(error)) from None
 
 
@@ -118,15 +122,13 @@ def _user(config: configuration.Config):
         raise GreydError(f"server.user: no such user: {config.server.user}") from None
 
 
-def _open_pool(config: configuration.Config) -> StorePool:
-    pool = StorePool(config.database.path)
+def _open_greylister(config: configuration.Config) -> Greylister:
     try:
-        config.database.path.parent.mkdir(parents=True, exist_ok=True)
-        pool.open()
-    except (sqlite3.Error, OSError) as error:
+        greylister = Greylister.open(config)
+    except StoreError as error:
         raise GreydError(f"database not writable: {config.database.path}: {error}") from None
-    pool.close()                      # reopened lazily, after the fork and the privilege drop
-    return pool
+    greylister.close()        # the store reopens lazily, after the fork and the privilege drop
+    return greylister
 
 
 def _owned_paths(config: configuration.Config) -> list[Path]:
@@ -142,7 +144,7 @@ def _owned_paths(config: configuration.Config) -> list[Path]:
 
 def _write_state(config: configuration.Config, daemon: Daemon) -> None:
     state = {"started": time.time(), "config": str(config.source or ""),
-             "listen": [configuration.format_hostport(*a) for a in daemon.addresses],
+             "listen": [values.format_hostport(*a) for a in daemon.addresses],
              "database": str(config.database.path)}
     state_path(config).write_text(json.dumps(state) + "\n")
 
@@ -174,7 +176,7 @@ def serve(daemon: Daemon, signals: Signals, reload, alive=None) -> None:
         signals.wake.wait(None if alive is None else WATCH)
         signals.wake.clear()
         if alive is not None and not alive():
-            daemon.ctx.logger.error("master process gone, stopping")
+            logger.error("master process gone, stopping")
             break
         if signals.reload and not signals.stop:
             signals.reload = False
@@ -227,11 +229,10 @@ def _reloaded(first: configuration.Config, listen, foreground: bool, daemon: Dae
     rooted where greyd started): a detached daemon's working directory is /,
     so searching again would find another config, or none.
     """
-    logger = daemon.ctx.logger
     try:
         config = configuration.with_listen(
             configuration.load(first.source, cwd=first.root), listen)
-    except configuration.ConfigError as error:
+    except ConfigError as error:
         log.setup(daemon.ctx.config.log, stderr=foreground)
         logger.error("reload failed, keeping the running config %s", log.fields(error=error))
         return
@@ -306,7 +307,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"greyd is running (pid {pid})")
     if started:
         click.echo(f"uptime:   {_duration(report['uptime'])}, since "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(started))}")
+                   f"{when(int(started))}")
     click.echo(f"listen:   {', '.join(report['listen']) or '-'}")
     click.echo(f"config:   {report['config'] or 'built-in defaults'}")
     click.echo(f"database: {report['database'] or '-'}")

@@ -12,7 +12,7 @@ import time
 import click
 
 from . import maintenance
-from .clitools import GreydError, echo_json, load_config, open_store
+from .clitools import GreydError, echo_json, load_config, open_store, when
 
 DEFAULT_LIMIT = 100
 ACTION_LABELS = {"greylist": "deferred", "accept": "accepted", "reject": "relay-denied",
@@ -94,8 +94,8 @@ def list_(ctx: click.Context, pending, passed, client, sender, recipient, limit:
         return
     if rows:
         _table(["NETWORK", "SENDER", "RECIPIENT", "FIRST SEEN", "LAST SEEN", "STATE"],
-               [[row.network, row.sender, row.recipient, _when(row.first_seen),
-                 _when(row.last_seen), row.state] for row in rows])
+               [[row.network, row.sender, row.recipient, when(row.first_seen, zone=False),
+                 when(row.last_seen, zone=False), row.state] for row in rows])
     else:
         click.echo("no matching triplets")
     if more:
@@ -244,15 +244,11 @@ def _print_stats(report: dict) -> None:
     rows.append(["  total", hour["total"], day["total"]])
     for name, *counts in rows:
         click.echo(f"{name:<28} {counts[0]:>10} {counts[1]:>10}")
-    click.echo(f"(counted per clock hour: last hour since {_when(hour['since'])}, "
-               f"last day since {_when(day['since'])})")
+    click.echo(f"(counted per clock hour: last hour since {when(hour['since'], zone=False)}, "
+               f"last day since {when(day['since'], zone=False)})")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     for row in [header, *rows]:
         click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
-
-
-def _when(timestamp: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import click
 
-from . import config as configuration, whitelist as entries
-from .clitools import GreydError, echo_json, load_config, open_store
+from . import values, whitelist as entries
+from .values import ConfigError
+from .clitools import GreydError, echo_json, load_config, open_store, when
 
 SELECTORS = entries.KINDS
 
@@ -63,12 +64,6 @@ def _shown(kind: str, value: str, given: str) -> str:
     return f"{kind} {value} (given as {given.strip()})"
 
 
-def _when(timestamp: int | None) -> str:
-    if timestamp is None:
-        return "never"
-    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(timestamp))
-
-
 @click.group()
 def whitelist() -> None:
     """The static whitelist: clients, client hostnames, senders, recipients.
@@ -115,8 +110,8 @@ def add(ctx: click.Context, comment: str | None, expires: str | None, **selector
     until = None
     if expires is not None:
         try:
-            seconds = configuration.parse_duration(expires, "--expires")
-        except configuration.ConfigError as error:
+            seconds = values.parse_duration(expires, "--expires")
+        except ConfigError as error:
             raise GreydError(str(error)) from None
         if seconds <= 0:
             raise GreydError(f"--expires: must be more than 0 seconds, got {expires!r}")
@@ -125,7 +120,7 @@ def add(ctx: click.Context, comment: str | None, expires: str | None, **selector
         added = store.add_whitelist(kind, value, comment=comment, expires=until, now=now)
     what = _shown(kind, value, selectors[kind])
     status = "added" if added else "already present, updated"
-    click.echo(f"{status}: {what}" + (f", expires {_when(until)}" if until else ""))
+    click.echo(f"{status}: {what}" + (f", expires {when(until)}" if until else ""))
 
 
 @whitelist.command(short_help="Remove one entry.")
@@ -180,7 +175,7 @@ def list_(ctx: click.Context, kind: str | None, as_json: bool) -> None:
         return
     table = [("KIND", "VALUE", "EXPIRES", "COMMENT")] + [
         (row["kind"], row["value"],
-         _when(row["expires"]) + (" (expired)" if row["expired"] else ""),
+         when(row["expires"]) + (" (expired)" if row["expired"] else ""),
          row["comment"] or "") for row in rows]
     widths = [max(len(line[column]) for line in table) for column in range(3)]
     for line in table:

@@ -1,4 +1,5 @@
-"""What every `greyd` command shares: one-line errors, the config, the store.
+"""What every `greyd` command shares: one-line errors, the config, the store,
+the way times are shown.
 
 Kept apart from cli.py so that command modules (cli_*.py) can use it and
 cli.py can register them without a circular import.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +18,11 @@ from typing import Iterator
 import click
 
 from . import config as configuration
+from .greylist import Greylister
+from .pool import StorePool
+from .storage import StoreError
 from .store import Store
+from .values import ConfigError
 
 
 class GreydError(click.ClickException):
@@ -31,7 +37,7 @@ def load_config(ctx: click.Context) -> configuration.Config:
     try:
         path = configuration.find(ctx.find_root().obj["config"], os.environ, Path.cwd())
         return configuration.load(path)
-    except configuration.ConfigError as error:
+    except ConfigError as error:
         raise GreydError(f"config: {error}") from None
 
 
@@ -60,6 +66,29 @@ def open_store(config: configuration.Config, *, write: bool = True) -> Iterator[
         raise GreydError(f"database: {path}: {error}") from None
     finally:
         store.close()
+
+
+@contextmanager
+def open_greylister(config: configuration.Config) -> Iterator[Greylister]:
+    """The daemon's greylister over the configured store, for reading
+    (`greyd explain`): a database that does not exist yet is not created,
+    an empty in-memory one stands in. Store errors become one line."""
+    path = config.database.path
+    backend = StorePool(path if path.exists() else ":memory:")
+    try:
+        yield Greylister(config, backend)
+    except StoreError as error:
+        raise GreydError(f"database: {path}: {error}") from None
+    finally:
+        backend.close()
+
+
+def when(timestamp: int | None, *, zone: bool = True) -> str:
+    """A Unix time as the CLI shows it, in local time; None is "never"."""
+    if timestamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S" + (" %z" if zone else ""),
+                         time.localtime(timestamp))
 
 
 def echo_json(document) -> None:

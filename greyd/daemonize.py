@@ -117,13 +117,10 @@ def batch_scheduling() -> bool:
     under a policy other than the default (chrt, systemd's
     CPUSchedulingPolicy=): greyd then runs as it was.
 
-    Under the default policy, a session thread woken by its client's next
-    command preempts whatever runs on that CPU: most often another session
-    thread of the same worker, which still holds the GIL, so the woken one
-    sleeps again at once, and the client's own process gets preempted in
-    the middle of its turn. SCHED_BATCH lets the running thread finish its
-    slice instead: a third fewer context switches per deferred session, and
-    clients that find several replies waiting when they look (scripts/bench).
+    Under it, a session thread woken by its client's next command waits
+    for the running thread's time slice to end instead of preempting it:
+    most often that thread is another session of the same process holding
+    the GIL, which the woken one would only wait for.
     """
     try:
         if os.sched_getscheduler(0) != os.SCHED_OTHER:

@@ -39,6 +39,9 @@ import dns.resolver
 import dns.reversename
 
 from . import log
+from .ip import Address, client_address
+
+logger = logging.getLogger(__name__)
 
 WORKERS = 16          # threads running queries, shared by all sessions
 CACHE_SIZE = 20_000   # answers kept (dnspython's LRU cache; each expires with its TTL)
@@ -46,8 +49,6 @@ MAX_NAMES = 4         # PTR names of one client checked forward, at most
 LISTED = ipaddress.ip_network("127.0.0.0/8")
 REFUSED = (ipaddress.ip_network("127.255.255.0/24"), ipaddress.ip_network("127.0.0.255/32"))
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.ASCII)
-
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,8 @@ def _outcome(future):
 class Lookup:
     """DNS lookups for the sessions of one daemon (or one `greyd explain`)."""
 
-    def __init__(self, config, logger: logging.Logger | None = None):
+    def __init__(self, config):
         self.config = config
-        self.logger = logger or logging.getLogger(log.LOGGER)
         self.resolver: dns.resolver.Resolver | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         if config.enabled:
@@ -125,7 +125,7 @@ class Lookup:
             else:
                 resolver = dns.resolver.Resolver()   # /etc/resolv.conf
         except (dns.exception.DNSException, OSError) as error:
-            self.logger.warning("dns failure %s", log.fields(
+            logger.warning("dns failure %s", log.fields(
                 query="resolver-configuration", error=_describe(error)))
             return None
         resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
@@ -170,7 +170,7 @@ class Lookup:
         try:
             return lookup(address, *args)
         except Exception as error:   # a bug here must cost only the DNS facts
-            self.logger.exception("dns error %s", log.fields(
+            logger.exception("dns error %s", log.fields(
                 client=address, error=_describe(error)))
             return None
 
@@ -195,7 +195,7 @@ class Lookup:
                     ipaddress.ip_address(rdata.address) == address for rdata in forward):
                 return name
         if names:
-            self.logger.info("dns unverified %s", log.fields(
+            logger.info("dns unverified %s", log.fields(
                 client=address, ptr=",".join(names[:MAX_NAMES])))
         return None
 
@@ -231,19 +231,11 @@ class Lookup:
 
     def _failure(self, address: Address, qname, rdtype: str, error: str,
                  level: int = logging.WARNING, **more) -> None:
-        self.logger.log(level, "dns failure %s", log.fields(
+        logger.log(level, "dns failure %s", log.fields(
             client=address, query=_text(qname), type=rdtype, error=error, **more))
 
 
 # -- names ---------------------------------------------------------------------------
-
-def client_address(client: str) -> Address:
-    """The address to look up; IPv4-mapped IPv6 counts as IPv4, a zone index is dropped."""
-    address = ipaddress.ip_address(client.split("%", 1)[0])
-    if address.version == 6 and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
 
 def list_query(address: Address, zone: str) -> str:
     """The DNSxL query name (RFC 5782 2.1, 2.4): reversed octets or nibbles, then the zone."""

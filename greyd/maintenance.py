@@ -19,12 +19,12 @@ from __future__ import annotations
 import ipaddress
 import sqlite3
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from . import policy
-from .store import WHITELIST_KINDS
+from .store import transaction
+from .whitelist import KINDS as WHITELIST_KINDS
 
 BATCH_SIZE = 2000       # rows per chunk of a walk, so at most this many per write transaction
 REST = 2.0             # after each write transaction the lock stays free this many times as long
@@ -223,7 +223,7 @@ def _sweep(conn: sqlite3.Connection, table: str, key: tuple[str, ...], kinds: di
             if which >= 0:
                 doomed[which].append({**params, **_keys(values)})
         if any(doomed):
-            with _transaction(conn):
+            with transaction(conn):
                 locked = time.monotonic()
                 for kind, sql, keys in zip(kinds, deletes, doomed):
                     if keys:
@@ -260,18 +260,6 @@ def _chunks(conn: sqlite3.Connection, table: str, key: tuple[str, ...], conditio
 
 def _keys(values) -> dict[str, object]:
     return {f"k{i}": value for i, value in enumerate(values)}
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction that takes the write lock at once (waiting per busy timeout)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.rollback()
-        raise
-    conn.commit()
 
 
 # -- stats -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The greylisting decision of SPEC §5: what happens to one recipient, and why.
 
-Everything here is pure: no I/O, no clock, no logging, nothing imported from
-the rest of greyd. `decide` reads what it needs through the small `Facts`
+Everything here is pure: no I/O, no clock, no logging; of the rest of greyd
+it uses only `ip`, the address rules. `decide` reads what it needs through the small `Facts`
 protocol (the store implements it) and returns a `Verdict` that says what to
 answer and what the store should remember; writing it is the caller's job, so
 `greyd explain` can run exactly the same code and change nothing.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable, NamedTuple, Protocol
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from .ip import Network as IPNetwork, client_address
 
 ACCEPT, GREYLIST, REJECT, TEMPFAIL = "accept", "greylist", "reject", "tempfail"
 
@@ -101,10 +101,6 @@ class Verdict(NamedTuple):
     retry_in: int = 0     # greylist: seconds until a retry can pass
     delayed: int = 0      # seconds the triplet has been held back so far
     update: str = NOTHING
-
-    @property
-    def accepted(self) -> bool:
-        return self.action == ACCEPT
 
 
 class Facts(Protocol):
@@ -194,14 +190,6 @@ def client_network(client: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     address = client_address(client)
     prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network((address, prefix), strict=False))
-
-
-@lru_cache(maxsize=4096)
-def client_address(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    address = ipaddress.ip_address(client.split("%", 1)[0])
-    if address.version == 6 and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 _BATV = re.compile(r"^(?:(?:prvs|msprvs\d*)=[^=@]*=|btv1==[^=@]*==)")

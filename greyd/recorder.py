@@ -1,8 +1,8 @@
 """The sessions' writes: queued, and committed by one thread per process.
 
 A session answers its RCPT once the verdict is decided and queued; the
-writer thread commits whatever has queued in one transaction
-(Store.record_many), then the next lot, while the sessions go on. Under a
+writer thread commits whatever has queued in one transaction (the
+backend's `record`), then the next lot, while the sessions go on. Under a
 flood of spam that is one commit for dozens of deferrals, and no session
 sleeps on a lock.
 
@@ -22,61 +22,30 @@ its own verdict's commit before answering, as if it wrote alone, so a store
 that stays broken gives on_store_error; the first commit that succeeds ends
 it. The verdicts of the failed lot are forgotten: their senders were told
 451 and are greylisted once more when they retry. What is queued is
-committed before the pool closes (a stop, a reload to another database).
+committed before the greylister closes (a stop).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import sqlite3
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import Callable, Sequence
 
-from . import log
 from .policy import ACCEPT, Triplet, Verdict
-
-if TYPE_CHECKING:
-    from .store import StorePool
+from .storage import Decision, StoreError, StoreHealth
 
 GATHER = 0.02          # seconds the writer lets a lot gather once something is queued
 WAIT_LIMIT = 20.0       # seconds a session waits for a commit at most (4 busy timeouts)
 
-_log = logging.getLogger(log.LOGGER)
-
-
-class StoreHealth:
-    """Logs a store failure once per incident, and the recovery."""
-
-    def __init__(self):
-        self._down = False
-        self._lock = threading.Lock()
-
-    @property
-    def down(self) -> bool:
-        return self._down
-
-    def failed(self, error: Exception) -> None:
-        with self._lock:
-            first, self._down = not self._down, True
-        if first:
-            _log.error("store failure: %s", log.fields(error=error))
-
-    def ok(self) -> None:
-        if self._down:
-            with self._lock:
-                was, self._down = self._down, False
-            if was:
-                _log.warning("store recovered")
-
 
 class Recorder:
-    """Store.record for the sessions of one process, over a StorePool."""
+    """The queue of one process's verdicts, committed through `write`
+    (a backend's `record`), which raises StoreError when it fails."""
 
-    def __init__(self, pool: "StorePool", health: StoreHealth):
-        self.pool, self.health = pool, health
+    def __init__(self, write: Callable[[Sequence[Decision]], None], health: StoreHealth):
+        self.write, self.health = write, health
         self._reset()
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (r := ref()) and r._reset())
@@ -86,21 +55,22 @@ class Recorder:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)       # something was queued
         self._written = threading.Condition(self._lock)    # a lot was committed (or failed)
-        # (verdict, now, max_age), its number, and a list for its commit's error
-        # when a session waits for it (after a failure), else None
-        self._queue: list[tuple[tuple[Verdict, float, int], int, list | None]] = []
+        # the decision, its number, and a list for its commit's error when a
+        # session waits for it (after a failure), else None
+        self._queue: list[tuple[Decision, int, list | None]] = []
         self._queued = self._done = 0         # sequence numbers: last queued, last finished
         self._pending: dict = {}              # keys of queued verdicts (see _keys): how many
         self._thread: threading.Thread | None = None
 
-    def record(self, verdict: Verdict, now: float, *, max_age: int) -> None:
-        """Queue the verdict; after a failed commit, also wait for it to be
-        committed, raising the commit's sqlite3.Error."""
+    def record(self, decision: Decision) -> None:
+        """Queue the decision; after a failed commit, also wait for it to be
+        committed, raising the commit's StoreError."""
         outcome = [] if self.health.down else None
+        verdict = decision.verdict
         with self._lock:
             self._queued += 1
             number = self._queued
-            self._queue.append(((verdict, now, max_age), number, outcome))
+            self._queue.append((decision, number, outcome))
             pending = self._pending           # a plain dict: Counter's methods are Python
             for key in _keys(verdict):
                 pending[key] = pending.get(key, 0) + 1
@@ -109,7 +79,7 @@ class Recorder:
             self._start()
         if outcome is not None:
             if not self._wait(number):
-                raise sqlite3.OperationalError("the store's writes did not finish in time")
+                raise StoreError("the store's writes did not finish in time")
             if outcome[0] is not None:
                 raise outcome[0]
 
@@ -152,10 +122,10 @@ class Recorder:
             error = self._commit([decision for decision, _, _ in lot])
             with self._lock:
                 pending = self._pending
-                for (verdict, _, _), _, outcome in lot:
+                for decision, _, outcome in lot:
                     if outcome is not None:
                         outcome.append(error)
-                    for key in _keys(verdict):
+                    for key in _keys(decision.verdict):
                         left = pending[key] - 1
                         if left:
                             pending[key] = left
@@ -164,15 +134,14 @@ class Recorder:
                 self._done = lot[-1][1]
                 self._written.notify_all()
 
-    def _commit(self, decisions: list) -> BaseException | None:
+    def _commit(self, decisions: list[Decision]) -> StoreError | None:
         try:
-            with self.pool.connection() as store:
-                store.record_many(decisions)
-        except sqlite3.Error as exc:
-            self.health.failed(exc)
-            return exc
+            self.write(decisions)
+        except StoreError as error:
+            self.health.failed(error)
+            return error
         except Exception as exc:              # noqa: BLE001 - every waiter must hear of it
-            error = sqlite3.OperationalError(f"recording failed: {exc!r}")
+            error = StoreError(f"recording failed: {exc!r}")
             self.health.failed(error)
             return error
         self.health.ok()

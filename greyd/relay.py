@@ -13,16 +13,16 @@ nothing of policy, the store, or the client's socket.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import smtplib
 import ssl
 
-from greyd import replies
-from greyd.log import fields
-from greyd.replies import Reply
+from . import replies
+from .ip import client_address
+from .log import fields
+from .replies import Reply
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _XCLIENT_ATTRIBUTES = ("ADDR", "NAME", "HELO")
 
@@ -180,7 +180,7 @@ class Relay:
 
     def _fail(self, step: str, error: object, failure: Reply | None) -> Reply | None:
         """Drop the connection; an open transaction stays open, and lost, until ended."""
-        log.warning("upstream failed %s", fields(
+        logger.warning("upstream failed %s", fields(
             step=step, upstream=f"{self.host}:{self.port}", error=str(error)))
         self._close()
         return failure
@@ -220,11 +220,9 @@ def _unverified_tls() -> ssl.SSLContext:
 def _xclient_addr(address: str) -> str:
     """ADDR value: IPv4 as is, IPv6 as "IPV6:addr" (IPv4-mapped ones as IPv4)."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = client_address(address)
     except ValueError:
         return "[UNAVAILABLE]"
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     return f"IPV6:{ip.compressed}" if ip.version == 6 else str(ip)
 
 

@@ -120,6 +120,7 @@ TOO_MANY_RECIPIENTS = Reply.of(452, "4.5.3 Error: too many recipients")
 UPSTREAM_AT_RCPT = Reply.of(451, "4.4.1 Upstream mail server unavailable, try again later")
 UPSTREAM_AT_DATA = Reply.of(451, "4.4.2 Upstream mail server failed during delivery, try again later")
 LOCAL_ERROR = Reply.of(451, "4.3.0 Temporary local problem, try again later")
+LOCAL_ERROR_CLOSING = Reply.of(421, "4.3.0 Temporary local problem, closing connection")
 
 TIMEOUT = Reply.of(421, "4.4.2 Error: timeout exceeded, closing connection")
 TOO_MANY_ERRORS = Reply.of(421, "4.7.0 Error: too many errors, closing connection")

@@ -2,16 +2,18 @@
 
 One `Listener` (a ThreadingTCPServer) per listen address, all sharing one
 `Context` and one `Admission` (the connection limits). A thread per client
-runs its Session; the threads take their clients from accept() themselves
-(`Listener.serve`). `Daemon` binds everything, serves, and stops gracefully:
-no new connections, sessions with no transaction under way are told
-421 4.3.2 at once, the others get up to `grace` seconds to finish, then the
-rest are told 421 4.3.2 too.
+runs its session's `Dialogue`; the threads take their clients from accept()
+themselves (`Listener.serve`). `Daemon` binds everything, serves, and stops
+gracefully: no new connections, sessions with no transaction under way are
+told 421 4.3.2 at once, the others get up to `grace` seconds to finish,
+then the rest are told 421 4.3.2 too. Whatever escapes a session is logged
+by `Listener.handle_error`, never only written to standard error.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import socket
 import socketserver
 import struct
@@ -20,9 +22,11 @@ import time
 
 from . import log
 from .admission import Admission, LocalCounts, SharedCounts
-from .config import format_hostport
+from .channel import Channel
+from .dialogue import Dialogue
+from .ip import client_text
 from .smtp import Context, Session
-from .store import StorePool
+from .values import format_hostport
 
 GRACE = 30.0           # seconds sessions may finish after a stop (SPEC §3)
 REFUSE_TIMEOUT = 2.0   # bound on writing a 421 to a refused connection
@@ -31,10 +35,7 @@ IDLE_THREADS = 16      # threads waiting in accept() per listener after a burst;
 IDLE_TIMEOUT = 2.0     # seconds a surplus waiting thread stays without a client
 ACCEPT_PAUSE = 0.05    # seconds before accept() is tried again after it failed
 
-
-def peer_ip(address) -> str:
-    host = address[0]
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
+logger = logging.getLogger(__name__)
 
 
 class Connection(io.RawIOBase):
@@ -47,15 +48,11 @@ class Connection(io.RawIOBase):
     BufferedReader above it still does the line splitting.
 
     The socket stays in blocking mode and the kernel keeps the timeouts
-    (SO_RCVTIMEO, SO_SNDTIMEO): Python's own socket timeout costs a poll()
-    before every recv and an ioctl() at every change, each one more release
-    of the GIL to a hundred waiting threads. The socket comes with its
-    listener's options (`Listener.set_socket_options`), among them a receive
-    timeout of `wake` seconds: a read wakes at least that often to look at
-    the deadline, and the timeout is set anew only when the time left is
-    shorter by more than SLACK. So a brisk session sets no option at all;
-    in Python each setsockopt() with a timeval first fails to parse it as an
-    integer, twice, and raises and clears a TypeError each time.
+    (SO_RCVTIMEO, SO_SNDTIMEO), inherited from the listening socket
+    (`Listener.set_socket_options`), among them a receive timeout of `wake`
+    seconds: a read wakes at least that often to look at the deadline, and
+    the timeout is set anew only when the time left is shorter by more than
+    SLACK, so a brisk session sets no option at all.
     """
 
     SLACK = 0.5
@@ -104,17 +101,14 @@ class Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock = self.request
-        ctx = self.server.ctx
         conn = Connection(sock, IDLE_TIMEOUT)       # TCP_NODELAY and timeouts: its listener's
         with io.BufferedReader(conn, READ_BUFFER) as rfile:
-            session = Session(ctx, peer_ip(self.client_address), rfile, conn.send, conn.expect)
+            session = Session(self.server.ctx, client_text(self.client_address[0]))
             self.server.admission.attach(sock, session)
-            session.run()
+            Dialogue(session, Channel(rfile, conn.send, conn.expect)).run()
 
 
 class Listener(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    block_on_close = False
     allow_reuse_address = True
     request_queue_size = 128
 
@@ -161,8 +155,7 @@ class Listener(socketserver.ThreadingTCPServer):
 
         Each client still has a thread of its own for its whole session, as
         with ThreadingMixIn; but no listener thread polls, accepts and hands
-        over, and a busy daemon starts no thread per connection: under load
-        that was much of a deferred session's cost (scripts/bench). Threads
+        over, and a busy daemon starts no thread per connection. Threads
         left waiting after a burst leave once IDLE_TIMEOUT passes with no
         client (the kernel's SO_RCVTIMEO bounds accept()), down to one.
         """
@@ -213,13 +206,8 @@ class Listener(socketserver.ThreadingTCPServer):
         except OSError:
             pass
 
-    def get_request(self) -> tuple[socket.socket, tuple]:
-        # socket.accept() less its Python-level lookups of the family and type.
-        fd, client_address = self.socket._accept()
-        return socket.socket(self.address_family, socket.SOCK_STREAM, 0, fd), client_address
-
     def verify_request(self, request, client_address) -> bool:
-        refusal = self.admission.admit(request, peer_ip(client_address))
+        refusal = self.admission.admit(request, client_text(client_address[0]))
         if refusal is None:
             return True
         try:
@@ -227,9 +215,14 @@ class Listener(socketserver.ThreadingTCPServer):
             request.sendall(refusal.encode())
         except OSError:
             pass
-        self.ctx.logger.warning("connection refused %s", log.fields(
+        logger.warning("connection refused %s", log.fields(
             client=client_address[0], reason=refusal.text))
         return False
+
+    def handle_error(self, request, client_address) -> None:
+        """Whatever escaped a session goes to greyd's log (socketserver's
+        default writes it to standard error, /dev/null for a daemon)."""
+        logger.exception("connection error %s", log.fields(client=client_address[0]))
 
     def shutdown_request(self, request) -> None:
         # close() alone sends the FIN: socketserver's shutdown(SHUT_WR) first is
@@ -264,15 +257,15 @@ class Daemon:
         return [listener.server_address[:2] for listener in self.listeners]
 
     def start(self) -> None:
-        self.ctx.pool.recorder.start()
+        self.ctx.greylister.start()
         for listener in self.listeners:
             listener.serve()
-        self.ctx.logger.info("listening %s", log.fields(
+        logger.info("listening %s", log.fields(
             addresses=",".join(format_hostport(h, p) for h, p in self.addresses)))
 
     def stop(self) -> None:
         """Graceful stop (SPEC §3): stop accepting, let sessions finish, 421 the rest."""
-        self.ctx.logger.info("stopping %s", log.fields(sessions=len(self.admission.sockets)))
+        logger.info("stopping %s", log.fields(sessions=len(self.admission.sockets)))
         self.ctx.stopping.set()
         for listener in self.listeners:
             listener.stop_accepting()
@@ -281,9 +274,9 @@ class Daemon:
         if not self.admission.wait_idle(self.grace):
             self.admission.interrupt()
             self.admission.wait_idle(REFUSE_TIMEOUT)
-        self.ctx.pool.close()
+        self.ctx.greylister.close()
         self.ctx.lookup.close()
-        self.ctx.logger.info("stopped")
+        logger.info("stopped")
 
     def close(self) -> None:
         for listener in self.listeners:
@@ -292,13 +285,9 @@ class Daemon:
     def reconfigure(self, config) -> None:
         """Serve new sessions with `config`; open sessions keep theirs (SIGHUP)."""
         old = self.ctx
-        pool = old.pool
-        if config.database.path != old.config.database.path:
-            pool = StorePool(config.database.path)
         lookup = old.lookup if config.dns == old.config.dns else None
-        self.ctx = Context(config, pool, clock=old.clock, logger=old.logger,
-                           stopping=old.stopping, lookup=lookup,
-                           under_pressure=self.admission.under_pressure)
+        self.ctx = Context(config, old.greylister.reconfigured(config), lookup=lookup,
+                           stopping=old.stopping, under_pressure=self.admission.under_pressure)
         if lookup is None:
             old.lookup.close()    # its sessions' lookups under way still finish
         for listener in self.listeners:
@@ -307,5 +296,5 @@ class Daemon:
         self.admission.max_connections = config.server.max_connections
         self.admission.per_client = config.server.max_connections_per_client
         if tuple(config.server.listen) != tuple(old.config.server.listen):
-            self.ctx.logger.warning("reload: new listen addresses take a restart")
-        self.ctx.logger.info("reloaded %s", log.fields(config=config.source or "defaults"))
+            logger.warning("reload: new listen addresses take a restart")
+        logger.info("reloaded %s", log.fields(config=config.source or "defaults"))

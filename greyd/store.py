@@ -1,36 +1,36 @@
 """greyd's state in SQLite, through sqlite-utils: triplets, whitelists, counters.
 
-Owns the schema (versioned by `PRAGMA user_version`, migrated forward on
-open), the connection settings (WAL, a busy timeout so cron and the CLI can
-work beside the daemon) and every query. All SQL is parameterized. The hot
-path of a decision is a handful of primary-key lookups and one short write
-transaction. It knows nothing of SMTP; `Store` implements `policy.Facts`.
+`Store` is one connection: it owns the schema (versioned by `PRAGMA
+user_version`, migrated forward on open), the connection settings (WAL, a
+busy timeout so cron and the CLI can work beside the daemon) and the
+daemon's queries; `transaction` is the one way greyd writes. All SQL is
+parameterized. The hot path of a decision is one statement of primary-key
+lookups (`LazyFacts`) and a share of one write transaction. It knows
+nothing of SMTP; `Store` implements `policy.Facts`. The connections of a
+daemon are pooled by pool.py; the operator's queries are in maintenance.py.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import sqlite3
 import threading
 from collections import Counter
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import sqlite_utils
 
-from . import log, policy
-from .recorder import Recorder, StoreHealth
+from . import policy
 from .policy import AutoEntry, Entry, Seen, Triplet, Verdict
+from .storage import Decision
+from .whitelist import KINDS as WHITELIST_KINDS
 
 BUSY_TIMEOUT = 5.0          # seconds a writer waits for another (cron, CLI)
 MMAP_SIZE = 1 << 30         # bytes of the database file each connection maps
 FRESH_ROWS = 256             # triplets per multi-row insert at most
-POOL_KEEP = 32              # idle connections a process keeps for its sessions
 AUTO_COUNT_INTERVAL = 3600  # a network earns at most one pass per hour
-WHITELIST_KINDS = ("client", "hostname", "sender", "recipient")
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
@@ -120,8 +120,7 @@ class Store:
         """Bring the schema up to SCHEMA_VERSION; WAL on. Idempotent."""
         self.db.enable_wal()
         # IMMEDIATE: two processes opening a new database migrate one after the other.
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.conn):
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(
@@ -129,10 +128,6 @@ class Store:
             for number in range(version, SCHEMA_VERSION):
                 MIGRATIONS[number](self.db)
                 self.conn.execute(f"PRAGMA user_version = {number + 1}")
-        except BaseException:
-            self.conn.rollback()
-            raise
-        self.conn.commit()
 
     def check_writable(self) -> None:
         """Raise sqlite3.Error unless this process can write the database."""
@@ -159,10 +154,10 @@ class Store:
             self._whitelist_version = version
         return self._whitelist
 
-    def facts(self, network: str, triplet: Triplet) -> "Snapshot":
+    def facts(self, network: str, triplet: Triplet) -> "LazyFacts":
         """Everything a decision about `triplet` from `network` may read, in one
         statement run when first asked: one read transaction."""
-        return Snapshot(self, network, triplet)
+        return LazyFacts(self, network, triplet)
 
     def auto_entry(self, network: str) -> AutoEntry | None:
         row = self.conn.execute(
@@ -179,44 +174,30 @@ class Store:
 
     # -- what a decision writes ------------------------------------------------
 
-    def record(self, verdict: Verdict, now: float, *, max_age: int) -> None:
-        """Remember the outcome of one decision, and count it, in one transaction.
-
-        `max_age` is greylist.max_age: an auto-whitelist count older than that
-        starts again from one rather than reviving.
-        """
-        self.record_many([(verdict, now, max_age)])
-
-    def record_many(self, decisions: list[tuple[Verdict, float, int]]) -> None:
-        """Remember many decisions, in order, and count them, in one transaction.
+    def record(self, decisions: Sequence[Decision]) -> None:
+        """Remember decisions, in order, and count them, in one transaction.
 
         A run of new (or restarted) triplets, all a flood of spam brings, goes
         in a few multi-row statements rather than one statement each.
         """
         counts: Counter[tuple[int, str, str]] = Counter()
-        with self._write_lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                fresh: list[tuple] = []
-                for verdict, now, max_age in decisions:
-                    now = int(now)
-                    counts[now - now % 3600, verdict.action, counter_reason(verdict.reason)] += 1
-                    if verdict.update in (policy.NEW, policy.RESTART):
-                        t = verdict.triplet
-                        fresh.append((t.network, t.sender, t.recipient, now, now))
-                        continue
-                    self._insert_fresh(fresh)
-                    self._apply(verdict, now, max_age)
+        with self._write_lock, transaction(self.conn):
+            fresh: list[tuple] = []
+            for verdict, now, max_age in decisions:
+                now = int(now)
+                counts[now - now % 3600, verdict.action, counter_reason(verdict.reason)] += 1
+                if verdict.update in (policy.NEW, policy.RESTART):
+                    t = verdict.triplet
+                    fresh.append((t.network, t.sender, t.recipient, now, now))
+                    continue
                 self._insert_fresh(fresh)
-                self.conn.executemany(
-                    "INSERT INTO counters (hour, action, reason, count) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (hour, action, reason) DO UPDATE SET"
-                    " count = count + excluded.count",
-                    [(*key, n) for key, n in counts.items()])
-            except BaseException:
-                self.conn.rollback()
-                raise
-            self.conn.commit()
+                self._apply(verdict, now, max_age)
+            self._insert_fresh(fresh)
+            self.conn.executemany(
+                "INSERT INTO counters (hour, action, reason, count) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (hour, action, reason) DO UPDATE SET"
+                " count = count + excluded.count",
+                [(*key, n) for key, n in counts.items()])
 
     def _insert_fresh(self, rows: list[tuple]) -> None:
         """Insert (or restart) triplets, in statements of power-of-two sizes so
@@ -227,7 +208,7 @@ class Store:
             self.conn.execute(_fresh_sql(size), [v for row in chunk for v in row])
 
     def _apply(self, verdict: Verdict, now: int, max_age: int) -> None:
-        """Every update but NEW and RESTART, which record_many inserts in runs."""
+        """Every update but NEW and RESTART, which `record` inserts in runs."""
         update, t = verdict.update, verdict.triplet
         key = (t.network, t.sender, t.recipient) if t else ()
         if update == policy.EARLY:
@@ -269,7 +250,7 @@ class Store:
         comment when one is given; it keeps its `added` time.
         """
         _check_kind(kind)
-        with self._writing():
+        with transaction(self.conn):
             existed = self.conn.execute(
                 "SELECT 1 FROM whitelist WHERE kind = ? AND value = ?",
                 (kind, value)).fetchone()
@@ -290,7 +271,7 @@ class Store:
         it was added. A live entry is left as it is; an expired one is renewed."""
         now = int(now)
         added = []
-        with self._writing():
+        with transaction(self.conn):
             for kind, value in entries:
                 _check_kind(kind)
                 cursor = self.conn.execute(
@@ -305,22 +286,10 @@ class Store:
     def remove_whitelist(self, kind: str, value: str) -> bool:
         """Remove an entry; False when there was none."""
         _check_kind(kind)
-        with self._writing():
+        with transaction(self.conn):
             cursor = self.conn.execute(
                 "DELETE FROM whitelist WHERE kind = ? AND value = ?", (kind, value))
         return cursor.rowcount == 1
-
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        """A write transaction that takes the write lock first (waiting up to the
-        busy timeout), so a read inside it cannot go stale and fail with 'locked'."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.conn.rollback()
-            raise
-        self.conn.commit()
 
     def whitelist_entries(self, kind: str | None = None) -> list[dict]:
         """Every entry (or every entry of one kind), expired ones included,
@@ -335,6 +304,20 @@ class Store:
         rows = [dict(zip(columns, row)) for row in self.conn.execute(sql, params)]
         rank = {k: i for i, k in enumerate(WHITELIST_KINDS)}
         return sorted(rows, key=lambda row: (rank.get(row["kind"], len(rank)), row["value"]))
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, committed at the end and rolled back on any
+    exception. It takes the write lock at BEGIN (waiting up to the busy
+    timeout), so no read inside it can go stale and fail with 'locked'."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
 
 
 @lru_cache(maxsize=16)
@@ -366,18 +349,16 @@ FACTS_SQL = (
     " AND (m.value != ? OR a.network IS NOT NULL OR t.network IS NOT NULL)")
 
 
-class Snapshot:
+class LazyFacts:
     """policy.Facts for one decision, read by one statement (FACTS_SQL) at the
-    first question: the whitelist version, the network's auto-whitelist entry
-    and the triplet, each a primary-key search. Asked about another network
-    or triplet, it asks the store directly.
+    first question, so a decision that needs no facts (a relay denial, a
+    trusted client) reads nothing: the whitelist version, the network's
+    auto-whitelist entry and the triplet, each a primary-key search. Asked
+    about another network or triplet, it asks the store directly.
 
-    The statement yields no row when it has nothing to tell: the whitelist is
-    still the version this connection holds, and neither entry exists. That
-    is every new triplet of a spam flood, and it is worth the WHERE clause:
-    Python's sqlite3 module lets go of the GIL around each column of a row it
-    fetches, and each of those is a chance for a hundred session threads to
-    wake and wait for it again (scripts/bench).
+    The statement yields no row when it has nothing to tell: the whitelist
+    is still the version this connection holds, and neither entry exists,
+    as for every new triplet of a spam flood.
     """
 
     def __init__(self, store: Store, network: str, triplet: Triplet):
@@ -406,192 +387,3 @@ class Snapshot:
             return self.store.seen(triplet)
         first, last, passed = self._read()[3:6]
         return None if first is None else Seen(first, last, passed)
-
-
-def file_state(path: Path | str) -> tuple | None:
-    """What a connection to `path` depends on: the file (device, inode) and
-    who may write it (mode, owner); None when there is no file."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise sqlite3.OperationalError(f"cannot stat {path}: {error.strerror}") from None
-    return st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid
-
-
-class StorePool:
-    """A few open Store connections shared by the sessions of one process.
-
-    Opening an SQLite connection costs more than a whole decision, so
-    sessions borrow one per decision and give it back. A connection keeps the
-    file it opened whatever becomes of the path, so each borrow looks at the
-    path (one stat): when the file was removed, replaced, or made read-only
-    or writable again, the connections to the old one are retired, none is
-    opened to the new one until all are back, and then the file now there is
-    opened; a missing one is created with the schema, as at start.
-    """
-
-    def __init__(self, path: Path | str, keep: int = POOL_KEEP):
-        self.path = Path(path)
-        self._where = str(self.path)            # for the stat at each borrow: no __fspath__
-        self._keep = keep
-        self._write_lock = threading.Lock()     # one writer at a time in this process
-        self._idle: list[Store] = []            # all of the current generation
-        self._lent: dict[int, int] = {}         # borrowed connections by generation
-        self._generation = 0                    # counts the files seen at the path
-        self._file: tuple | None | object = _UNSEEN
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)   # a connection came back
-        self._waiters = 0                       # borrowers waiting for it
-        self._looks = self._applied = 0         # file looks begun, and the latest applied
-        self.health = StoreHealth()             # logs a failure once, and the recovery
-        self.recorder = Recorder(self, self.health)   # the sessions' writes
-
-    def record(self, verdict: Verdict, now: float, *, max_age: int) -> None:
-        """Store.record for a session: queued, committed by this process's
-        writer thread with its neighbours' (see greyd.recorder)."""
-        self.recorder.record(verdict, now, max_age=max_age)
-
-    def settle(self, network: str, triplet: policy.Triplet) -> None:
-        """Before a decision: this process's queued writes about the
-        triplet or the network are committed first."""
-        self.recorder.settle(network, triplet)
-
-    def flush(self) -> None:
-        """Wait until every write queued so far is committed (or has failed)."""
-        self.recorder.flush()
-
-    def open(self) -> None:
-        """Create or migrate the database and check it is writable."""
-        store = Store(self.path, self._write_lock)
-        try:
-            store.migrate()
-            store.check_writable()
-        except BaseException:
-            store.close()
-            raise
-        with self._cond:
-            self._look(file_state(self.path))
-            self._idle.append(store)
-
-    def connection(self) -> "_Lease":
-        """`with pool.connection() as store:` a connection, given back at the
-        end (closed instead if an sqlite3.Error went through)."""
-        return _Lease(self)
-
-    def _borrow(self) -> tuple[Store, int]:
-        # The stat releases the GIL: not while holding the lock the other
-        # sessions need. Of two looks, only the later-begun one is applied.
-        with self._lock:
-            self._looks += 1
-            look = self._looks
-        state = file_state(self._where)
-        with self._lock:
-            if look > self._applied:
-                self._applied = look
-                self._look(state)
-            generation = self._generation
-            self._lent[generation] = self._lent.get(generation, 0) + 1
-            if self._idle:
-                return self._idle.pop(), generation
-            # Two files at one path must never be open at once: they would share
-            # the -wal and -shm, and corrupt each other.
-            self._waiters += 1
-            try:
-                moved_on = self._cond.wait_for(lambda: not self._lent_before(generation),
-                                               BUSY_TIMEOUT)
-            finally:
-                self._waiters -= 1
-            if not moved_on:
-                self._returned(generation)
-                raise sqlite3.OperationalError(
-                    f"{self.path} changed while connections to the old file were in use")
-        try:
-            return self._open(), generation
-        except BaseException:
-            with self._lock:
-                self._returned(generation)
-            raise
-
-    def _open(self) -> Store:
-        """A new connection; a file new to greyd (created empty, or put there by
-        an administrator) is migrated first: the schema, WAL."""
-        store = Store(self.path, self._write_lock)
-        try:
-            if not store.is_current():
-                store.migrate()
-        except BaseException:
-            store.close()
-            raise
-        return store
-
-    def _look(self, state) -> None:
-        """A new generation when the file at the path is not the one seen last.
-
-        The change is logged, except a file appearing where there was none: a
-        database greyd has just created, or one brought back for it.
-        """
-        if state == self._file:
-            return
-        if self._file is not _UNSEEN and self._file is not None:
-            change = ("removed" if state is None else
-                      "replaced" if self._file[:2] != state[:2] else "permissions")
-            _log.warning("store file changed %s", log.fields(
-                path=self.path, change=change, then="create" if state is None else "reopen"))
-        self._file = state
-        self._generation += 1
-        while self._idle:
-            self._idle.pop().retire()
-
-    def _lent_before(self, generation: int) -> bool:
-        return any(g < generation for g in self._lent)
-
-    def _returned(self, generation: int) -> None:
-        left = self._lent[generation] - 1
-        if left:
-            self._lent[generation] = left
-        else:
-            del self._lent[generation]
-        if self._waiters:
-            self._cond.notify_all()
-
-    def _give_back(self, store: Store, generation: int, healthy: bool) -> None:
-        with self._lock:
-            self._returned(generation)
-            if generation != self._generation:
-                store.retire()
-            elif healthy and len(self._idle) < self._keep:
-                self._idle.append(store)
-            else:
-                store.close()
-
-    def close(self) -> None:
-        """Commit what is queued, then close the idle connections; the next
-        borrow looks at the path afresh."""
-        self.recorder.flush()
-        with self._lock:
-            while self._idle:
-                self._idle.pop().close()
-            self._file = _UNSEEN
-
-
-class _Lease:
-    """StorePool.connection's context manager (a class: cheaper than a generator)."""
-
-    __slots__ = ("pool", "store", "generation")
-
-    def __init__(self, pool: StorePool):
-        self.pool = pool
-
-    def __enter__(self) -> Store:
-        self.store, self.generation = self.pool._borrow()
-        return self.store
-
-    def __exit__(self, kind, error, traceback) -> None:
-        healthy = kind is None or not issubclass(kind, sqlite3.Error)
-        self.pool._give_back(self.store, self.generation, healthy)
-
-
-_UNSEEN = object()
-_log = logging.getLogger(log.LOGGER)

@@ -7,8 +7,9 @@ Owns the spelling of an entry (SPEC §3): a client network, a client hostname
 the store keeps and what `policy.Whitelist` matches, so one entry has one
 spelling and adding it twice finds the first.
 
-Pure functions: no I/O, no clock, no store. Every refusal is a ValueError whose
-text is fit for a one-line error message.
+Pure functions: no I/O, no clock, no store. `KINDS` is the one list of
+whitelist kinds. Every refusal is a ValueError whose text is fit for a
+one-line error message.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
+
+from .ip import unmapped_network
 
 KINDS = ("client", "hostname", "sender", "recipient")
 IMPORT_KINDS = ("client", "recipient")    # postgrey's two whitelist files
@@ -52,10 +55,7 @@ def normalize_client(text: str) -> str:
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ValueError(f"client: not an IP address or network: {value}") from None
-    if network.version == 6 and network.prefixlen >= 96 and \
-            network.network_address.ipv4_mapped is not None:
-        network = ipaddress.ip_network(
-            (network.network_address.ipv4_mapped, network.prefixlen - 96))
+    network = unmapped_network(network)
     if network.prefixlen == 0:
         raise ValueError(f"client: {network} would whitelist every IPv{network.version} client")
     return str(network)

@@ -30,13 +30,15 @@ RESTART_PAUSE = 1.0     # seconds between restarts of the same worker
 WATCH = 0.5             # seconds between the master's looks at its workers
 STOP_MARGIN = 10.0      # seconds past the grace before workers are killed
 
+logger = logging.getLogger(__name__)
+
 
 class Workers:
     """The master's view: one Daemon (bound, not started) per worker."""
 
     def __init__(self, daemons: list[Daemon], counts: SharedCounts,
-                 run_worker: Callable[[Daemon], None], logger: logging.Logger):
-        self.daemons, self.counts, self.logger = daemons, counts, logger
+                 run_worker: Callable[[Daemon], None]):
+        self.daemons, self.counts = daemons, counts
         self.run_worker = run_worker          # serves until a stop; runs in the child
         self.pids: dict[int, int] = {}        # pid -> worker number
         self.started: dict[int, float] = {}   # worker number -> last start
@@ -51,7 +53,7 @@ class Workers:
             pid = os.fork()
         except OSError as error:              # EAGAIN, ENOMEM: tried again by `reap`
             self.missing.add(number)
-            self.logger.error("cannot start worker %s", log.fields(worker=number, error=error))
+            logger.error("cannot start worker %s", log.fields(worker=number, error=error))
             return
         self.missing.discard(number)
         if pid == 0:                          # the worker
@@ -65,7 +67,7 @@ class Workers:
                 self.run_worker(self.daemons[number])
                 status = 0
             except BaseException:             # noqa: B902 - logged, then the worker exits
-                self.logger.exception("worker failed %s", log.fields(worker=number))
+                logger.exception("worker failed %s", log.fields(worker=number))
             finally:
                 logging.shutdown()
                 os._exit(status)
@@ -90,7 +92,7 @@ class Workers:
                 continue
             self.counts.clear(number)
             if restart:
-                self.logger.error("worker exited, restarting it %s", log.fields(
+                logger.error("worker exited, restarting it %s", log.fields(
                     worker=number, pid=pid, status=_describe(status)))
                 self.start(number)
 
@@ -109,7 +111,7 @@ class Workers:
             self.reap(restart=False)
             time.sleep(0.05)
         if self.pids:
-            self.logger.error("workers did not stop in time, killing them %s",
+            logger.error("workers did not stop in time, killing them %s",
                               log.fields(pids=",".join(map(str, self.pids))))
             self.signal(signal.SIGKILL)
             while self.pids:
@@ -122,12 +124,10 @@ def bind_to_cpu(number: int) -> int | None:
     number-th of the CPUs the master may run on, round robin. The CPU, or
     None where the system refuses (the worker then runs anywhere).
 
-    A worker's threads take turns holding the GIL anyway. On one CPU, a
-    thread woken by its client's next command runs when the thread holding
-    the GIL has blocked and let it go; spread over two, it often wakes
-    beside that thread, finds the GIL held and sleeps again, two context
-    switches for nothing (scripts/bench on 2 CPUs: 7 instead of 10 per
-    deferred session). The other workers keep the other CPUs busy.
+    A worker's threads take turns holding the GIL anyway: on one CPU, a
+    thread woken by its client's next command runs once the thread holding
+    the GIL has let it go, rather than waking beside it only to wait. The
+    other workers keep the other CPUs busy.
     """
     try:
         cpus = sorted(os.sched_getaffinity(0))

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from greyd import config as configuration, log
+from greyd.greylist import Greylister
 from greyd.server import Daemon
 from greyd.smtp import Context
-from greyd.store import Store, StorePool
+from greyd.store import Store
 
 from smtpclient import Raw
 from upstream import Upstream, free_port
@@ -108,7 +109,7 @@ class Greyd:
 
     def store(self) -> Store:
         """A connection of the test's own, once the daemon's queued writes are committed."""
-        self.ctx.pool.flush()
+        self.ctx.greylister.recorder.flush()
         return Store(self.config.database.path)
 
 
@@ -188,10 +189,7 @@ def start_greyd(tmp_path, clock):
 
     def start(upstream_port: int, **overrides) -> Greyd:
         config = configuration.load(write_config(tmp_path, upstream_port, **overrides))
-        pool = StorePool(config.database.path)
-        config.database.path.parent.mkdir(parents=True, exist_ok=True)
-        pool.open()
-        ctx = Context(config, pool, clock=clock)
+        ctx = Context(config, Greylister.open(config, clock=clock))
         daemon = Daemon(ctx, grace=1)
         daemon.start()
         running.append(daemon)

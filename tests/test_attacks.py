@@ -434,7 +434,7 @@ def test_sql_metacharacters_are_stored_verbatim_and_harm_nothing(start_greyd, up
     with client(g) as c:                       # a bystander's triplet, before the attack
         assert c.cmd(f"MAIL FROM:<{SENDER}>") == R(replies.SENDER_OK)
         assert c.cmd(f"RCPT TO:<{RECIPIENT}>") == R(replies.greylisted(300))
-    g.ctx.pool.flush()                          # the daemon's queued writes, committed
+    g.ctx.greylister.recorder.flush()                          # the daemon's queued writes, committed
     before = schema(g.config.database.path)
     [bystander] = cli_json(tmp_path, "triplets", "list", "--json")["triplets"]
     clock.advance(10)
@@ -445,7 +445,7 @@ def test_sql_metacharacters_are_stored_verbatim_and_harm_nothing(start_greyd, up
             assert c.cmd(f"RCPT TO:<{recipient}>") == R(replies.greylisted(300)), recipient
             assert c.cmd("RSET") == R(replies.RESET)
 
-    g.ctx.pool.flush()
+    g.ctx.greylister.recorder.flush()
     listed = cli_json(tmp_path, "triplets", "list", "--limit", "0", "--json")["triplets"]
     expected = {(policy.normalize_sender(s), r.lower()) for s, r in HOSTILE}
     assert {(row["sender"], row["recipient"]) for row in listed} == expected | {
@@ -459,7 +459,7 @@ def test_sql_metacharacters_are_stored_verbatim_and_harm_nothing(start_greyd, up
 
     # The operator's filters take % and _ literally (LIKE is escaped).
     def count(*args: str) -> int:
-        g.ctx.pool.flush()                      # what the daemon decided so far, committed
+        g.ctx.greylister.recorder.flush()                      # what the daemon decided so far, committed
         return cli_json(tmp_path, "triplets", "list", "--limit", "0", "--json", *args)["count"]
     assert count("--recipient", "@%") == 0
     assert count("--recipient", "@_xample.org") == 0

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from greyd import config
+from greyd import config, values
 from greyd.config import Config, ConfigError
 
 pytestmark = pytest.mark.timeout(30)
@@ -124,19 +124,19 @@ def test_empty_file_gives_defaults(tmp_path):
 
 @pytest.mark.parametrize("value, seconds", [
     (0, 0), (300, 300), ("300", 300), ("0s", 0), ("90s", 90), ("5m", 300),
-    ("2h", 7200), ("35d", 35 * 86400), ("010m", 600), (config.MAX_DURATION, config.MAX_DURATION),
+    ("2h", 7200), ("35d", 35 * 86400), ("010m", 600), (values.MAX_DURATION, values.MAX_DURATION),
 ])
 def test_parse_duration_accepts(value, seconds):
-    assert config.parse_duration(value, "greylist.delay") == seconds
+    assert values.parse_duration(value, "greylist.delay") == seconds
 
 
 @pytest.mark.parametrize("value", [
     -1, True, False, 1.5, None, [], "", "5x", "5 m", " 5m", "-5m", "5M", "m", "1w", "1.5h",
-    "5m ", "٣", config.MAX_DURATION + 1, f"{config.MAX_DURATION // 86400 + 1}d",
+    "5m ", "٣", values.MAX_DURATION + 1, f"{values.MAX_DURATION // 86400 + 1}d",
 ])
 def test_parse_duration_rejects(value):
     with pytest.raises(ConfigError, match=r"^greylist\.delay: "):
-        config.parse_duration(value, "greylist.delay")
+        values.parse_duration(value, "greylist.delay")
 
 
 @pytest.mark.parametrize("value, size", [
@@ -144,7 +144,7 @@ def test_parse_duration_rejects(value):
     ("25M", 25 * 1024**2), ("1G", 1024**3), (10**12, 10**12),
 ])
 def test_parse_size_accepts(value, size):
-    assert config.parse_size(value, "server.max_message_size") == size
+    assert values.parse_size(value, "server.max_message_size") == size
 
 
 @pytest.mark.parametrize("value", [
@@ -152,29 +152,29 @@ def test_parse_size_accepts(value, size):
 ])
 def test_parse_size_rejects(value):
     with pytest.raises(ConfigError, match=r"^server\.max_message_size: .*got"):
-        config.parse_size(value, "server.max_message_size")
+        values.parse_size(value, "server.max_message_size")
 
 
-@given(st.integers(min_value=0, max_value=config.MAX_DURATION))
+@given(st.integers(min_value=0, max_value=values.MAX_DURATION))
 def test_duration_round_trips_plain_seconds(n):
-    assert config.parse_duration(n, "k") == n
-    assert config.parse_duration(str(n), "k") == n
-    assert config.parse_duration(f"{n}s", "k") == n
+    assert values.parse_duration(n, "k") == n
+    assert values.parse_duration(str(n), "k") == n
+    assert values.parse_duration(f"{n}s", "k") == n
 
 
-@given(st.integers(min_value=0, max_value=config.MAX_DURATION // 86400))
+@given(st.integers(min_value=0, max_value=values.MAX_DURATION // 86400))
 def test_duration_units_multiply(n):
-    assert config.parse_duration(f"{n}m", "k") == n * 60
-    assert config.parse_duration(f"{n}h", "k") == n * 3600
-    assert config.parse_duration(f"{n}d", "k") == n * 86400
+    assert values.parse_duration(f"{n}m", "k") == n * 60
+    assert values.parse_duration(f"{n}h", "k") == n * 3600
+    assert values.parse_duration(f"{n}d", "k") == n * 86400
 
 
 @given(st.integers(min_value=0, max_value=2**50))
 def test_size_round_trips(n):
-    assert config.parse_size(n, "k") == n
-    assert config.parse_size(str(n), "k") == n
-    assert config.parse_size(f"{n}K", "k") == n * 1024
-    assert config.parse_size(f"{n}M", "k") == n * 1024**2
+    assert values.parse_size(n, "k") == n
+    assert values.parse_size(str(n), "k") == n
+    assert values.parse_size(f"{n}K", "k") == n * 1024
+    assert values.parse_size(f"{n}M", "k") == n * 1024**2
 
 
 # --- host:port ----------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_size_round_trips(n):
     ("[::1]:5353", 53, ("::1", 5353)),
 ])
 def test_parse_hostport_accepts(text, default, expected):
-    assert config.parse_hostport(text, "k", default) == expected
+    assert values.parse_hostport(text, "k", default) == expected
 
 
 @pytest.mark.parametrize("text, default", [
@@ -204,19 +204,19 @@ def test_parse_hostport_accepts(text, default, expected):
 ])
 def test_parse_hostport_rejects(text, default):
     with pytest.raises(ConfigError, match=r"^upstream\.x: "):
-        config.parse_hostport(text, "upstream.x", default)
+        values.parse_hostport(text, "upstream.x", default)
 
 
 def test_parse_hostport_port_zero_only_when_allowed():
-    assert config.parse_hostport("127.0.0.1:0", "k", min_port=0) == ("127.0.0.1", 0)
+    assert values.parse_hostport("127.0.0.1:0", "k", min_port=0) == ("127.0.0.1", 0)
     with pytest.raises(ConfigError, match="from 1 to 65535"):
-        config.parse_hostport("127.0.0.1:0", "k")
+        values.parse_hostport("127.0.0.1:0", "k")
 
 
 @given(st.ip_addresses(), st.integers(min_value=0, max_value=65535))
 def test_hostport_round_trips(address, port):
-    text = config.format_hostport(str(address), port)
-    assert config.parse_hostport(text, "k", min_port=0) == (str(address), port)
+    text = values.format_hostport(str(address), port)
+    assert values.parse_hostport(text, "k", min_port=0) == (str(address), port)
 
 
 # --- validation: unknown keys, wrong types, impossible values -----------------------------

@@ -19,7 +19,8 @@ import dns.resolver
 import pytest
 
 from greyd.config import DnsConfig
-from greyd.dns import Lookup, hostname, list_query, client_address
+from greyd.dns import Lookup, hostname, list_query
+from greyd.ip import client_address
 
 from conftest import LogLines, write_config
 from dnsserver import MALFORMED, NXDOMAIN, SERVFAIL, TIMEOUT, DnsServer

@@ -38,7 +38,8 @@ import pytest
 from faultyupstream import NO_FAULT, Fault, FaultyUpstream
 from greyd import replies
 from greyd.policy import Triplet
-from greyd.store import StorePool
+from greyd.pool import StorePool
+from greyd.store import Store
 from smtpclient import Raw
 from test_daemon import GREYD, ROOT, UNPRIVILEGED, Foreground, config_for, wait_listening
 from upstream import Upstream, free_port
@@ -686,12 +687,12 @@ def test_no_connection_to_a_new_file_while_one_to_the_old_is_in_use(tmp_path):
     borrowed: list[float] = []
 
     def decide_meanwhile():
-        with pool.connection() as store:
+        with pool.facts(TRIPLET.network, TRIPLET) as facts:
             borrowed.append(time.monotonic())
-            assert store.seen(TRIPLET) is None
+            assert facts.seen(TRIPLET) is None
 
     try:
-        with pool.connection() as old:
+        with pool.facts(TRIPLET.network, TRIPLET) as old:
             assert old.seen(TRIPLET) is None
             db.unlink()
             thread = threading.Thread(target=decide_meanwhile)
@@ -701,7 +702,7 @@ def test_no_connection_to_a_new_file_while_one_to_the_old_is_in_use(tmp_path):
             given_back = time.monotonic()
         thread.join(5)
         assert borrowed and borrowed[0] >= given_back
-        with pool.connection() as new:
+        with Store(db) as new:
             assert new.is_current()            # created anew, with the schema
     finally:
         pool.close()

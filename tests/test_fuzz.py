@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from greyd import replies
 from greyd.address import MAX_PATH, PathError, parse, parse_params
-from greyd.store import POOL_KEEP
+from greyd.pool import KEEP as POOL_KEEP
 from smtpclient import Raw
 from test_daemon import Foreground, config_for, wait_listening
 from test_pressure import BASE_THREADS, descriptors, threads, until

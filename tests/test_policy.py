@@ -20,6 +20,7 @@ from greyd.policy import (
     ACCEPT, GREYLIST, REJECT, TEMPFAIL, Entry, Request, Rules, Seen, Whitelist,
     client_address, client_network, decide, domain_matches, judge,
     normalize_sender, relay_allowed, without_store)
+from greyd.storage import Decision
 from greyd.store import Store
 
 pytestmark = pytest.mark.timeout(30)
@@ -58,7 +59,7 @@ def store(tmp_path):
 def step(store, req, now, rules=RULES):
     """One RCPT as the daemon handles it: decide, then record."""
     verdict = decide(req, rules, store, now)
-    store.record(verdict, now, max_age=rules.max_age)
+    store.record([Decision(verdict, now, rules.max_age)])
     return verdict
 
 

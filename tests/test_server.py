@@ -13,8 +13,9 @@ import pytest
 from conftest import until, write_config
 from greyd import config as configuration, replies
 from greyd.server import IDLE_TIMEOUT, Daemon
-from greyd.smtp import JUNK_LIMIT, STRESS_TIMEOUT, Context
-from greyd.store import StorePool
+from greyd.dialogue import STRESS_TIMEOUT
+from greyd.greylist import Greylister
+from greyd.smtp import JUNK_LIMIT, Context
 from smtpclient import Raw
 
 pytestmark = pytest.mark.timeout(30)
@@ -48,10 +49,7 @@ def test_sessions_borrow_pooled_connections_instead_of_opening_their_own(greyd):
 
 def test_stop_closes_idle_sessions_at_once_and_lets_transactions_finish(tmp_path, upstream):
     config = configuration.load(write_config(tmp_path, upstream.port))
-    pool = StorePool(config.database.path)
-    config.database.path.parent.mkdir(parents=True, exist_ok=True)
-    pool.open()
-    daemon = Daemon(Context(config, pool), grace=30)
+    daemon = Daemon(Context(config, Greylister.open(config)), grace=30)
     daemon.start()
     port = daemon.addresses[0][1]
     idle, busy = Raw(port), Raw(port)

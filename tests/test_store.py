@@ -1,4 +1,5 @@
-"""greyd.store: schema and migrations, the queries of a decision, the pool.
+"""greyd.store, greyd.pool and greyd.recorder: schema and migrations, the
+queries of a decision, the pool, the writer thread.
 
 Every test has its own SQLite file in tmp_path; other connections to it are
 plain sqlite3 connections, as the cron cleanup or the CLI would hold.
@@ -18,7 +19,10 @@ import pytest
 from greyd import policy, store as storage
 from greyd.policy import (
     ACCEPT, GREYLIST, REJECT, AutoEntry, Request, Rules, Seen, Triplet, Verdict, decide)
-from greyd.store import SCHEMA_VERSION, Store, StorePool, counter_reason
+from greyd.pool import StorePool
+from greyd.recorder import Recorder
+from greyd.storage import Decision, StoreError, StoreHealth
+from greyd.store import SCHEMA_VERSION, Store, counter_reason
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -61,6 +65,11 @@ def verdict(update, action=GREYLIST, reason="new", triplet=TRIPLET, network=NET)
     return Verdict(action, reason, network, triplet=triplet, update=update)
 
 
+def remember(store, v, now, max_age=MAX_AGE):
+    """One decision written as the recorder writes a lot: in one transaction."""
+    store.record([Decision(v, now, max_age)])
+
+
 def triplet_row(store, triplet=TRIPLET):
     return store.conn.execute(
         "SELECT first_seen, last_seen, passed_at FROM triplets"
@@ -95,7 +104,7 @@ def test_busy_timeout_is_set_on_every_store(store):
 
 
 def test_migrate_twice_is_harmless(store, path):
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    remember(store, verdict(policy.NEW), T)
     store.add_whitelist("client", "192.0.2.1", now=T)
     store.migrate()
     again = Store(path)
@@ -119,7 +128,7 @@ def test_newer_schema_is_refused(path):
             s.migrate()
     finally:
         s.close()
-    with pytest.raises(sqlite3.DatabaseError):
+    with pytest.raises(StoreError, match="newer"):
         StorePool(path).open()
     conn = raw(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
@@ -164,70 +173,70 @@ def test_hot_path_sql_is_the_text_store_py_sends():
 # -- record -----------------------------------------------------------------------
 
 def test_record_new_creates_the_triplet_and_counts(store):
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    remember(store, verdict(policy.NEW), T)
     assert triplet_row(store) == (T, T, None)
     assert store.seen(TRIPLET) == Seen(first=T, last=T, passed=None)
     assert counters(store) == {(HOUR_OF_T, GREYLIST, "new"): 1}
 
 
 def test_record_early_updates_last_seen_only(store):
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
-    store.record(verdict(policy.EARLY, reason="too-early"), T + 100, max_age=MAX_AGE)
+    remember(store, verdict(policy.NEW), T)
+    remember(store, verdict(policy.EARLY, reason="too-early"), T + 100)
     assert triplet_row(store) == (T, T + 100, None)
     assert store.conn.execute("SELECT count(*) FROM auto_whitelist").fetchone()[0] == 0
 
 
 def test_record_pass_sets_passed_at_and_counts_a_delivery(store):
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
-    store.record(verdict(policy.PASS, ACCEPT, "passed"), T + 300, max_age=MAX_AGE)
+    remember(store, verdict(policy.NEW), T)
+    remember(store, verdict(policy.PASS, ACCEPT, "passed"), T + 300)
     assert triplet_row(store) == (T, T + 300, T + 300)
     assert store.auto_entry(NET) == AutoEntry(count=1, last_seen=T + 300)
     # a later KNOWN keeps passed_at, moves last_seen
-    store.record(verdict(policy.KNOWN, ACCEPT, "known"), T + DAY, max_age=MAX_AGE)
+    remember(store, verdict(policy.KNOWN, ACCEPT, "known"), T + DAY)
     assert triplet_row(store) == (T, T + DAY, T + 300)
     assert store.auto_entry(NET) == AutoEntry(count=2, last_seen=T + DAY)
 
 
 def test_auto_whitelist_counts_at_most_once_an_hour(store):
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    remember(store, verdict(policy.NEW), T)
     for offset in (300, 600, 300 + HOUR - 1):
-        store.record(verdict(policy.KNOWN, ACCEPT, "known"), T + offset, max_age=MAX_AGE)
+        remember(store, verdict(policy.KNOWN, ACCEPT, "known"), T + offset)
     assert store.auto_entry(NET) == AutoEntry(count=1, last_seen=T + 300 + HOUR - 1)
-    store.record(verdict(policy.KNOWN, ACCEPT, "known"), T + 300 + HOUR, max_age=MAX_AGE)
+    remember(store, verdict(policy.KNOWN, ACCEPT, "known"), T + 300 + HOUR)
     assert store.auto_entry(NET).count == 2
 
 
 def test_record_restart_resets_first_seen_and_clears_passed_at(store):
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
-    store.record(verdict(policy.PASS, ACCEPT, "passed"), T + 300, max_age=MAX_AGE)
-    store.record(verdict(policy.RESTART, reason="expired-retry"), T + 3 * DAY, max_age=MAX_AGE)
+    remember(store, verdict(policy.NEW), T)
+    remember(store, verdict(policy.PASS, ACCEPT, "passed"), T + 300)
+    remember(store, verdict(policy.RESTART, reason="expired-retry"), T + 3 * DAY)
     assert triplet_row(store) == (T + 3 * DAY, T + 3 * DAY, None)
 
 
 def test_record_new_over_a_forgotten_triplet_starts_it_over(store):
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
-    store.record(verdict(policy.PASS, ACCEPT, "passed"), T + 300, max_age=MAX_AGE)
-    store.record(verdict(policy.NEW), T + 40 * DAY, max_age=MAX_AGE)
+    remember(store, verdict(policy.NEW), T)
+    remember(store, verdict(policy.PASS, ACCEPT, "passed"), T + 300)
+    remember(store, verdict(policy.NEW), T + 40 * DAY)
     assert triplet_row(store) == (T + 40 * DAY, T + 40 * DAY, None)
     assert store.conn.execute("SELECT count(*) FROM triplets").fetchone()[0] == 1
 
 
 def test_record_auto_refreshes_the_network(store):
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
-    store.record(verdict(policy.PASS, ACCEPT, "passed"), T + 300, max_age=MAX_AGE)
-    store.record(Verdict(ACCEPT, "auto-whitelist", NET, update=policy.AUTO), T + DAY, max_age=MAX_AGE)
+    remember(store, verdict(policy.NEW), T)
+    remember(store, verdict(policy.PASS, ACCEPT, "passed"), T + 300)
+    remember(store, Verdict(ACCEPT, "auto-whitelist", NET, update=policy.AUTO), T + DAY)
     assert store.auto_entry(NET) == AutoEntry(count=1, last_seen=T + DAY)
     assert store.conn.execute("SELECT count(*) FROM triplets").fetchone()[0] == 1
 
 
 def test_counters_per_hour_action_and_reason(store):
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
-    store.record(verdict(policy.NEW, triplet=Triplet(NET, "x@y", "z@localhost")), T + 10, max_age=MAX_AGE)
-    store.record(Verdict(REJECT, "relay-denied", NET), T + 20, max_age=MAX_AGE)
-    store.record(Verdict(ACCEPT, "whitelist:192.0.2.1", NET), T + 30, max_age=MAX_AGE)
-    store.record(Verdict(ACCEPT, "whitelist:@sender.example", NET), T + 40, max_age=MAX_AGE)
-    store.record(Verdict(ACCEPT, "dnswl:list.dnswl.example", NET), T + 50, max_age=MAX_AGE)
-    store.record(Verdict(REJECT, "relay-denied", NET), T + HOUR, max_age=MAX_AGE)
+    remember(store, verdict(policy.NEW), T)
+    remember(store, verdict(policy.NEW, triplet=Triplet(NET, "x@y", "z@localhost")), T + 10)
+    remember(store, Verdict(REJECT, "relay-denied", NET), T + 20)
+    remember(store, Verdict(ACCEPT, "whitelist:192.0.2.1", NET), T + 30)
+    remember(store, Verdict(ACCEPT, "whitelist:@sender.example", NET), T + 40)
+    remember(store, Verdict(ACCEPT, "dnswl:list.dnswl.example", NET), T + 50)
+    remember(store, Verdict(REJECT, "relay-denied", NET), T + HOUR)
     assert counters(store) == {
         (HOUR_OF_T, GREYLIST, "new"): 2,
         (HOUR_OF_T, REJECT, "relay-denied"): 1,
@@ -254,7 +263,7 @@ def test_decide_and_record_through_the_store(store):
     for now, reason in ((T, "new"), (T + 60, "too-early"), (T + 300, "passed"),
                         (T + DAY, "known")):
         v = decide(req, RULES, store, now)
-        store.record(v, now, max_age=MAX_AGE)
+        remember(store, v, now)
         assert v.reason == reason
     assert store.seen(TRIPLET) == Seen(T, T + DAY, T + 300)
 
@@ -274,7 +283,7 @@ def test_record_waits_for_another_writer(store, path):
     release.start()
     try:
         started = time.monotonic()
-        store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+        remember(store, verdict(policy.NEW), T)
         waited = time.monotonic() - started
     finally:
         release.join()
@@ -290,7 +299,7 @@ def test_sql_metacharacters_in_a_sender_are_data(store):
     sender = "x'); DROP TABLE triplets;--@example.com"
     req = Request("198.51.100.7", sender, "bob@localhost")
     v = decide(req, RULES, store, T)
-    store.record(v, T, max_age=MAX_AGE)
+    remember(store, v, T)
     assert v.triplet.sender == "x'); drop table triplets;--@example.com"
     stored = store.conn.execute("SELECT sender FROM triplets").fetchall()
     assert stored == [(v.triplet.sender,)]
@@ -336,7 +345,7 @@ def test_whitelist_is_cached_until_another_connection_changes_it(store, path):
     assert store.whitelist() is first
     req = Request("198.51.100.7", "alice@sender.example", "bob@localhost")
     assert first.match(req, T) is None
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)            # other tables: cache kept
+    remember(store, verdict(policy.NEW), T)            # other tables: cache kept
     assert store.whitelist() is first
 
     writer = Store(path)
@@ -362,6 +371,11 @@ def test_whitelist_cache_sees_a_removal(store, path):
 
 # -- the pool ---------------------------------------------------------------------
 
+def lease(pool):
+    """A connection of the pool, as a decision borrows it (with the facts it reads)."""
+    return pool.facts(NET, TRIPLET)
+
+
 def test_pool_open_creates_and_migrates(path):
     pool = StorePool(path)
     pool.open()
@@ -370,21 +384,28 @@ def test_pool_open_creates_and_migrates(path):
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.close()
-        with pool.connection() as s:
-            s.record(verdict(policy.NEW), T, max_age=MAX_AGE)
-            assert s.seen(TRIPLET) == Seen(T, T, None)
+        pool.record([Decision(verdict(policy.NEW), T, MAX_AGE)])
+        with lease(pool) as facts:
+            assert facts.seen(TRIPLET) == Seen(T, T, None)
     finally:
         pool.close()
+
+
+def test_pool_open_creates_the_directory(tmp_path):
+    pool = StorePool(tmp_path / "var" / "db" / "greyd.db")
+    pool.open()
+    pool.close()
+    assert (tmp_path / "var" / "db" / "greyd.db").is_file()
 
 
 def test_pool_reuses_its_connection(path):
     pool = StorePool(path)
     pool.open()
     try:
-        with pool.connection() as first:
+        with lease(pool) as first:
             pass
-        with pool.connection() as second:
-            assert second is first
+        with lease(pool) as second:
+            assert second.store is first.store
             assert second.seen(TRIPLET) is None      # still open and usable
     finally:
         pool.close()
@@ -394,13 +415,13 @@ def test_pool_discards_a_connection_after_a_database_error(path):
     pool = StorePool(path)
     pool.open()
     try:
-        with pytest.raises(sqlite3.OperationalError):
-            with pool.connection() as broken:
-                broken.conn.execute("SELECT * FROM no_such_table")
+        with pytest.raises(StoreError, match="no such table"):
+            with lease(pool) as broken:
+                broken.store.conn.execute("SELECT * FROM no_such_table")
         with pytest.raises(sqlite3.ProgrammingError):
-            broken.conn.execute("SELECT 1")          # it was closed
-        with pool.connection() as fresh:
-            assert fresh is not broken
+            broken.store.conn.execute("SELECT 1")          # it was closed
+        with lease(pool) as fresh:
+            assert fresh.store is not broken.store
             assert fresh.seen(TRIPLET) is None
     finally:
         pool.close()
@@ -410,15 +431,15 @@ def test_pool_keeps_at_most_keep_connections(path):
     pool = StorePool(path, keep=1)
     pool.open()
     try:
-        with pool.connection() as outer:
-            with pool.connection() as inner:
-                assert inner is not outer
-                inner.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+        with lease(pool) as outer:
+            with lease(pool) as inner:
+                assert inner.store is not outer.store
+                remember(inner.store, verdict(policy.NEW), T)
                 assert outer.seen(TRIPLET) == Seen(T, T, None)
-        with pool.connection() as again:
-            assert again is inner
+        with lease(pool) as again:
+            assert again.store is inner.store
         with pytest.raises(sqlite3.ProgrammingError):
-            outer.conn.execute("SELECT 1")
+            outer.store.conn.execute("SELECT 1")
     finally:
         pool.close()
 
@@ -426,16 +447,16 @@ def test_pool_keeps_at_most_keep_connections(path):
 def test_pool_close_closes_idle_connections(path):
     pool = StorePool(path)
     pool.open()
-    with pool.connection() as s:
+    with lease(pool) as facts:
         pass
     pool.close()
     with pytest.raises(sqlite3.ProgrammingError):
-        s.conn.execute("SELECT 1")
+        facts.store.conn.execute("SELECT 1")
 
 
 def test_check_writable_passes_on_a_writable_database(store):
     store.check_writable()
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)          # no transaction left open
+    remember(store, verdict(policy.NEW), T)          # no transaction left open
     assert not store.conn.in_transaction
 
 
@@ -447,10 +468,12 @@ def test_check_writable_refuses_a_read_only_database(path):
     # Root writes through 0444; without CAP_DAC_OVERRIDE it cannot, like any user.
     prefix = ["setpriv", "--bounding-set=-dac_override", "--"] if os.geteuid() == 0 else []
     probe = ("import sys, sqlite3\n"
-             "from greyd.store import Store, StorePool\n"
+             "from greyd.pool import StorePool\n"
+             "from greyd.storage import StoreError\n"
+             "from greyd.store import Store\n"
              "s = Store(sys.argv[1])\n"
              "try:\n    s.check_writable()\nexcept sqlite3.Error as e:\n    print('check:', e)\n"
-             "try:\n    StorePool(sys.argv[1]).open()\nexcept sqlite3.Error as e:\n    print('open:', e)\n")
+             "try:\n    StorePool(sys.argv[1]).open()\nexcept StoreError as e:\n    print('open:', e)\n")
     result = subprocess.run([*prefix, sys.executable, "-c", probe, str(path)],
                             capture_output=True, text=True, timeout=20)
     assert result.stdout.splitlines() == ["check: attempt to write a readonly database",
@@ -460,10 +483,11 @@ def test_check_writable_refuses_a_read_only_database(path):
 def test_pool_connections_commit_without_fsync_in_wal(path):
     pool = StorePool(path)
     pool.open()
-    with pool.connection() as first, pool.connection() as second:
-        for s in (first, second):
+    with lease(pool) as first, lease(pool) as second:
+        for s in (first.store, second.store):
             assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert s.conn.execute("PRAGMA synchronous").fetchone()[0] == 1   # NORMAL
+    pool.close()
 
 
 def test_a_hundred_concurrent_writers_all_succeed(path):
@@ -475,9 +499,8 @@ def test_a_hundred_concurrent_writers_all_succeed(path):
     def write(n: int) -> None:
         try:
             for k in range(20):
-                with pool.connection() as s:
-                    t = Triplet(NET, f"s{n}-{k}@x.example", "bob@localhost")
-                    s.record(verdict(policy.NEW, triplet=t), T, max_age=MAX_AGE)
+                t = Triplet(NET, f"s{n}-{k}@x.example", "bob@localhost")
+                pool.record([Decision(verdict(policy.NEW, triplet=t), T, MAX_AGE)])
         except Exception as error:          # any error at all is the failure shown
             failures.append(error)
 
@@ -505,7 +528,7 @@ def test_the_facts_of_a_decision_are_three_primary_key_searches(store):
 def test_a_snapshot_answers_as_the_separate_queries_do(store):
     other = Triplet(NET, "carol@sender.example", "bob@localhost")
     assert store.facts(NET, TRIPLET).seen(TRIPLET) is None
-    store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
+    remember(store, verdict(policy.NEW), T)
     store.conn.execute("INSERT INTO auto_whitelist VALUES (?, 3, ?, ?, ?)", (NET, T, T + 5, T))
     store.conn.commit()
     store.add_whitelist("sender", "vip@example.org")
@@ -553,62 +576,74 @@ def test_record_many_writes_what_recording_one_by_one_writes(tmp_path):
     together, alone = Store(tmp_path / "a.db"), Store(tmp_path / "b.db")
     for s in (together, alone):
         s.migrate()
-    together.record_many(decisions)
+    together.record([Decision(*d) for d in decisions])
     for v, now, max_age in decisions:
-        alone.record(v, now, max_age=max_age)
+        remember(alone, v, now, max_age)
     for name in ("triplets", "auto_whitelist", "counters"):
         assert table(together, name) == table(alone, name), name
     assert len(table(together, "triplets")) == 302
     assert together.seen(Triplet(NET, "x7@e.example", "b@localhost")).first == T + 25
 
 
-def test_the_writer_commits_concurrent_sessions_together(path):
+# -- the writer thread (greyd.recorder) ----------------------------------------------------
+
+class Counted:
+    """A pool whose commits are counted."""
+
+    def __init__(self, pool):
+        self.pool, self.commits = pool, 0
+
+    def record(self, decisions):
+        self.commits += 1
+        self.pool.record(decisions)
+
+
+@pytest.fixture
+def pool(path):
     pool = StorePool(path)
     pool.open()
-    commits = []
-    pool_connection = pool.connection
+    yield pool
+    pool.close()
 
-    def counting_connection():
-        commits.append(1)
-        return pool_connection()
-    pool.connection = counting_connection
+
+def test_the_writer_commits_concurrent_sessions_together(pool):
+    counted = Counted(pool)
+    recorder = Recorder(counted.record, StoreHealth())
     barrier = threading.Barrier(20)
 
     def session(i):
         barrier.wait()
         for j in range(25):
             t = Triplet(NET, f"s{i}@sender.example", f"r{j}@localhost")
-            pool.record(verdict(policy.NEW, triplet=t), T, max_age=MAX_AGE)
+            recorder.record(Decision(verdict(policy.NEW, triplet=t), T, MAX_AGE))
     threads = [threading.Thread(target=session, args=(i,)) for i in range(20)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(20)
-    pool.flush()
-    with pool_connection() as store:
-        assert len(table(store, "triplets")) == 500
-        assert counters(store) == {(HOUR_OF_T, GREYLIST, "new"): 500}
-    assert len(commits) < 500          # some sessions' verdicts shared a transaction
-    pool.close()
+    recorder.flush()
+    with lease(pool) as facts:
+        assert len(table(facts.store, "triplets")) == 500
+        assert counters(facts.store) == {(HOUR_OF_T, GREYLIST, "new"): 500}
+    assert counted.commits < 500          # some sessions' verdicts shared a transaction
 
 
-def test_a_decision_waits_for_this_process_s_queued_writes_about_its_triplet(path):
+def test_a_decision_waits_for_this_process_s_queued_writes_about_its_triplet(pool, path):
     """settle(): a retry is decided on what came before it, even at once."""
-    pool = StorePool(path)
-    pool.open()
+    recorder = Recorder(pool.record, StoreHealth())
     locker = raw(path)
     locker.execute("BEGIN IMMEDIATE")         # the writer thread waits behind this
 
     def settling(network, triplet) -> threading.Thread:
-        thread = threading.Thread(target=pool.settle, args=(network, triplet), daemon=True)
+        thread = threading.Thread(target=recorder.settle, args=(network, triplet), daemon=True)
         thread.start()
         thread.join(0.5)
         return thread
     try:
-        pool.record(verdict(policy.NEW), T, max_age=MAX_AGE)
-        pool.record(verdict(policy.PASS, ACCEPT, "passed",
-                            triplet=Triplet(NET, "p@example.net", "q@localhost")),
-                    T, max_age=MAX_AGE)
+        recorder.record(Decision(verdict(policy.NEW), T, MAX_AGE))
+        recorder.record(Decision(verdict(policy.PASS, ACCEPT, "passed",
+                                         triplet=Triplet(NET, "p@example.net", "q@localhost")),
+                                 T, MAX_AGE))
         elsewhere = Triplet("203.0.113.0/24", "x@example.net", "y@localhost")
         assert not settling("203.0.113.0/24", elsewhere).is_alive()   # nothing queued about it
         same_triplet = settling(NET, TRIPLET)
@@ -619,16 +654,15 @@ def test_a_decision_waits_for_this_process_s_queued_writes_about_its_triplet(pat
     same_triplet.join(10)
     same_network.join(10)
     assert not same_triplet.is_alive() and not same_network.is_alive()
-    with pool.connection() as store:
-        assert store.seen(TRIPLET) == Seen(first=T, last=T, passed=None)
-        assert store.auto_entry(NET).count == 1
-    pool.close()
+    with lease(pool) as facts:
+        assert facts.seen(TRIPLET) == Seen(first=T, last=T, passed=None)
+        assert facts.auto_entry(NET).count == 1
     locker.close()
 
 
-def test_after_a_failed_commit_sessions_wait_for_their_own_until_one_succeeds(path):
-    pool = StorePool(path)
-    pool.open()
+def test_after_a_failed_commit_sessions_wait_for_their_own_until_one_succeeds(pool, path):
+    health = StoreHealth()
+    recorder = Recorder(pool.record, health)
     locker = raw(path)
     locker.execute("PRAGMA busy_timeout = 0")
     locker.execute("BEGIN IMMEDIATE")         # the write lock, held past greyd's busy timeout
@@ -637,18 +671,17 @@ def test_after_a_failed_commit_sessions_wait_for_their_own_until_one_succeeds(pa
     try:
         pool.close()
         for t in lost:                        # answered at once: queued
-            pool.record(verdict(policy.NEW, triplet=t), T, max_age=MAX_AGE)
-        pool.flush()                          # their commit failed: the store is down
-        assert pool.health.down
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            pool.record(verdict(policy.NEW, triplet=lost[0]), T, max_age=MAX_AGE)
+            recorder.record(Decision(verdict(policy.NEW, triplet=t), T, MAX_AGE))
+        recorder.flush()                      # their commit failed: the store is down
+        assert health.down
+        with pytest.raises(StoreError, match="locked"):
+            recorder.record(Decision(verdict(policy.NEW, triplet=lost[0]), T, MAX_AGE))
     finally:
         storage.BUSY_TIMEOUT = original
         locker.execute("ROLLBACK")
-    pool.record(verdict(policy.NEW), T, max_age=MAX_AGE)    # waits for its commit: it works
-    assert not pool.health.down
-    with pool.connection() as store:
-        assert store.seen(TRIPLET) == Seen(first=T, last=T, passed=None)
-        assert [store.seen(t) for t in lost] == [None] * 5    # the failed lot is forgotten
-    pool.close()
+    recorder.record(Decision(verdict(policy.NEW), T, MAX_AGE))   # waits for its commit: it works
+    assert not health.down
+    with lease(pool) as facts:
+        assert facts.seen(TRIPLET) == Seen(first=T, last=T, passed=None)
+        assert [facts.seen(t) for t in lost] == [None] * 5    # the failed lot is forgotten
     locker.close()

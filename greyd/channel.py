@@ -1,0 +1,107 @@
+"""The client's side of an SMTP session: command lines and the message in,
+replies out.
+
+A `Channel` reads what the session asks for, within its limits (RFC 5321
+4.5.3.1: command lines of 512 octets, the message up to max_message_size)
+and its deadlines (`expect(seconds)`: what is read next must arrive whole
+within that time, RFC 5321 4.5.3.2), and writes replies. A client that
+leaves, goes quiet past its deadline or stops reading ends the session:
+`Closed`, with the session-end word. It knows nothing of SMTP commands.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import BinaryIO, Callable, NamedTuple
+
+from . import replies
+from .replies import Reply
+
+COMMAND_LIMIT = 512              # RFC 5321 4.5.3.1.4, CRLF included
+MAIL_ALLOWANCE = 26 + 15         # RFC 1870 SIZE= and RFC 6152 BODY= (RFC 5321 4.5.3.1.4)
+CHUNK = 65536                    # bytes of a message line read at a time, at most
+
+
+class Closed(Exception):
+    """The session is over; the text is the session-end word (quit, timeout,
+    disconnect, shutdown, error)."""
+
+
+class Received(NamedTuple):
+    """A message as read: its bytes (none kept once over the limit) and
+    whether it went over server.max_message_size."""
+
+    data: bytes
+    too_big: bool
+
+
+class Channel:
+    """One client connection: `rfile` to read from, `send(bytes)` to write,
+    `expect(seconds)` to set the deadline of the next read."""
+
+    def __init__(self, rfile: BinaryIO, send: Callable[[bytes], None],
+                 expect: Callable[[float], None]):
+        self.rfile, self._send, self.expect = rfile, send, expect
+
+    def send(self, reply: Reply) -> None:
+        try:
+            self._send(replies.encoded(reply))
+        except socket.timeout:
+            raise Closed("timeout") from None
+        except OSError:
+            raise Closed("disconnect") from None
+
+    def send_quietly(self, reply: Reply) -> None:
+        """Send when the client still listens (a last word before closing)."""
+        try:
+            self.send(reply)
+        except Closed:
+            pass
+
+    def readline(self, limit: int) -> bytes:
+        try:
+            return self.rfile.readline(limit)
+        except socket.timeout:
+            raise Closed("timeout") from None
+        except OSError:
+            raise Closed("disconnect") from None
+
+    def command(self) -> bytes:
+        """One command line; b"" when it was too long (the rest is skipped)."""
+        line = self.readline(COMMAND_LIMIT + MAIL_ALLOWANCE + 1)
+        if not line:
+            raise Closed("disconnect")
+        if not line.endswith(b"\n"):
+            if len(line) <= COMMAND_LIMIT + MAIL_ALLOWANCE:
+                raise Closed("disconnect")
+            while True:
+                rest = self.readline(CHUNK)
+                if not rest:
+                    raise Closed("disconnect")
+                if rest.endswith(b"\n"):
+                    return b""
+        return line
+
+    def message(self, limit: int, timeout: float) -> Received:
+        """The message up to CRLF.CRLF, dot-unstuffed (RFC 5321 4.5.2); each
+        line must arrive within `timeout`."""
+        chunks, size, too_big = [], 0, False
+        line_start = True               # what came before ended with CRLF
+        after_cr = False                # ... or with CR, if this chunk is the LF
+        while True:
+            self.expect(timeout)
+            chunk = self.readline(CHUNK)
+            if not chunk:
+                raise Closed("disconnect")
+            if line_start:
+                if chunk == b".\r\n":
+                    return Received(b"".join(chunks), too_big)
+                if chunk[:1] == b"." and chunk[1:] not in (b"\n", b"\r", b""):
+                    chunk = chunk[1:]
+            line_start = chunk.endswith(b"\r\n") or (chunk == b"\n" and after_cr)
+            after_cr = chunk.endswith(b"\r")
+            size += len(chunk)
+            if size > limit:
+                too_big = True
+            elif not too_big:
+                chunks.append(chunk)

@@ -1,0 +1,128 @@
+"""The read loop of an SMTP session: a `Session` fed from its `Channel`.
+
+It greets the client, reads each command within its timeout (shortened
+while connections are scarce) and writes the session's reply, reads the
+message after a 354, ends the session (QUIT, timeout, disconnect, too many
+errors, shutdown) and writes the session-end log line. It is the only
+writer to the client.
+
+Every phase (the greeting, each command, the message, the end of data and
+its relay) runs under one guard, `Dialogue.guarded`: an unexpected
+exception becomes 451 4.3.0 when a reply is due and the dialogue can go on
+(the transaction, and the upstream connection with it, is dropped), else
+421 4.3.0 and a close; either way one ERROR line with the traceback, and
+`end=error` on the session-end line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from . import log, replies
+from .channel import Channel, Closed
+from .smtp import Session
+
+STRESS_TIMEOUT = 10.0  # command timeout while the daemon is near max_connections
+SHUTDOWN_LINGER = 1.0  # seconds to wait for a QUIT on its way when shutting down
+
+logger = logging.getLogger(__name__)
+
+
+class Dialogue:
+    """One session's conversation with its client, from the 220 to the close."""
+
+    def __init__(self, session: Session, channel: Channel):
+        self.session, self.channel = session, channel
+        self.failed = False               # an unexpected exception happened
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            self.converse()
+        except Closed as closed:
+            self.closed(str(closed))
+        finally:
+            self.wrap_up(started)
+
+    def converse(self) -> None:
+        session, channel = self.session, self.channel
+        stopping = session.ctx.stopping
+        channel.send(self.guarded("greeting", session.greet, can_go_on=False))
+        while not session.done:
+            if stopping.is_set() and session.envelope is None:
+                self.last_command()                  # no transaction to finish
+                return
+            channel.expect(self.command_timeout())   # the whole command line
+            line = channel.command()
+            channel.send(self.guarded("command", session.handle, line))
+            if session.receiving:
+                session.receiving = False
+                server = session.config.server
+                received = self.guarded("message", channel.message, server.max_message_size,
+                                        server.data_timeout, can_go_on=False)
+                channel.send(self.guarded("end of data", session.finish_data, received))
+
+    def guarded(self, phase: str, act: Callable, *args, can_go_on: bool = True):
+        """`act(*args)` under the one guard (see the module text)."""
+        try:
+            return act(*args)
+        except Closed:
+            raise
+        except Exception:
+            self.failed = True
+            logger.exception("session error %s", log.fields(
+                id=self.session.id, client=self.session.client, phase=phase))
+            try:
+                self.session.drop_transaction()
+            except Exception:                   # noqa: BLE001 - logged above already
+                pass
+            if can_go_on:
+                return replies.LOCAL_ERROR
+            self.channel.send_quietly(replies.LOCAL_ERROR_CLOSING)
+            raise Closed("error") from None
+
+    def closed(self, end: str) -> None:
+        """The session ended other than by QUIT or too many errors."""
+        session = self.session
+        session.end = end
+        if end == "timeout":
+            self.channel.send_quietly(replies.TIMEOUT)
+        elif session.ctx.stopping.is_set() and end in ("disconnect", "shutdown"):
+            session.end = "shutdown"
+            self.channel.send_quietly(replies.SHUTTING_DOWN)
+
+    def last_command(self) -> None:
+        """Shutting down between transactions: a QUIT already on its way gets
+        its 221, anything else (or nothing, within a second) 421 4.3.2."""
+        try:
+            self.channel.expect(SHUTDOWN_LINGER)
+            line = self.channel.command()
+        except Closed:
+            line = b""
+        quit = line.rstrip(b"\r\n").upper() == b"QUIT"
+        self.session.end = "quit" if quit else "shutdown"
+        self.channel.send_quietly(
+            replies.closing(self.session.config.server.hostname) if quit
+            else replies.SHUTTING_DOWN)
+
+    def command_timeout(self) -> float:
+        """server.command_timeout, cut short while connections are scarce."""
+        timeout = self.session.config.server.command_timeout
+        return min(timeout, STRESS_TIMEOUT) if self.session.ctx.under_pressure() else timeout
+
+    def wrap_up(self, started: float) -> None:
+        """The upstream let go, the DNS facts collected if ready, the session-end line."""
+        session = self.session
+        try:
+            session.close()
+        except Exception:                       # noqa: BLE001 - logged, the session is over
+            self.failed = True
+            logger.exception("session error %s", log.fields(
+                id=session.id, client=session.client, phase="end"))
+        logger.info("session end %s", log.fields(
+            id=session.id, client=session.client, name=session.client_name or "unknown",
+            helo=session.helo, messages=session.messages, errors=session.errors,
+            end="error" if self.failed else session.end,
+            seconds=f"{time.monotonic() - started:.3f}"))

@@ -1,0 +1,74 @@
+"""What the greylister asks of a store, whatever database is behind it.
+
+A backend (SQLite: `pool.StorePool`) lends `policy.Facts` for one decision
+and commits lots of decisions; any failure of its database reaches the
+greylister as one exception, `StoreError`, so nothing above the store
+knows which driver raised it. `StoreHealth` turns a run of failures into
+one log line when it starts and one when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import AbstractContextManager
+from typing import NamedTuple, Protocol, Sequence
+
+from . import log
+from .policy import Facts, Triplet, Verdict
+
+logger = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """The store could not answer or could not write; the text says why."""
+
+
+class Decision(NamedTuple):
+    """One verdict to remember: when it was made, and the greylist.max_age it
+    was made under (an auto-whitelist count older than that starts over)."""
+
+    verdict: Verdict
+    now: float
+    max_age: int
+
+
+class Backend(Protocol):
+    """A store as the greylister uses it. Every method may raise StoreError."""
+
+    def open(self) -> None:
+        """Create or migrate the schema and check the store can be written."""
+
+    def facts(self, network: str, triplet: Triplet) -> AbstractContextManager[Facts]:
+        """`with backend.facts(network, triplet) as facts:` what one decision reads."""
+
+    def record(self, decisions: Sequence[Decision]) -> None:
+        """Remember the decisions, in order, and count them: all or none."""
+
+    def close(self) -> None:
+        """Let go of every connection; the next use opens afresh."""
+
+
+class StoreHealth:
+    """Logs a store failure once per incident, and the recovery."""
+
+    def __init__(self):
+        self._down = False
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    def failed(self, error: Exception) -> None:
+        with self._lock:
+            first, self._down = not self._down, True
+        if first:
+            logger.error("store failure: %s", log.fields(error=error))
+
+    def ok(self) -> None:
+        if self._down:
+            with self._lock:
+                was, self._down = self._down, False
+            if was:
+                logger.warning("store recovered")
