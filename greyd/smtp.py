@@ -53,7 +53,9 @@ os.register_at_fork(after_in_child=_reseed)
 
 @dataclass
 class Context:
-    """What every session of one daemon shares: settings, greylister, DNS.
+    """What every session of one daemon shares: settings, greylister, DNS,
+    and how a session reaches the upstream (`relay`, a Relay or a class
+    like it).
 
     `lookup` is built from config.dns when not given; whoever stops the
     daemon closes it.
@@ -62,6 +64,7 @@ class Context:
     config: object
     greylister: Greylister
     lookup: Lookup | None = None
+    relay: type[Relay] = Relay
     stopping: threading.Event = field(default_factory=threading.Event)
     # True while connections are scarce; the server sets it (Postfix's "stress").
     under_pressure: Callable[[], bool] = field(default=lambda: False)
@@ -236,7 +239,7 @@ class Session:
         """Open the upstream transaction if needed, then RCPT in lockstep."""
         if self.relay is None:
             upstream = self.config.upstream
-            self.relay = Relay(
+            self.relay = self.ctx.relay(
                 host=upstream.host, port=upstream.port, timeout=upstream.timeout,
                 local_hostname=self.config.server.hostname, starttls=upstream.starttls,
                 xclient=upstream.xclient, client_addr=self.client,

@@ -19,6 +19,16 @@ class Raw:
         self.file = self.sock.makefile("rb")
         self.greeting = self.reply() if greet else None
 
+    @classmethod
+    def over(cls, sock: socket.socket, *, timeout: float = 5) -> "Raw":
+        """A client on a socket already connected (one end of a socketpair)."""
+        raw = cls.__new__(cls)
+        raw.sock = sock
+        sock.settimeout(timeout)
+        raw.file = sock.makefile("rb")
+        raw.greeting = raw.reply()
+        return raw
+
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
