@@ -27,6 +27,12 @@ class Closed(Exception):
     disconnect, shutdown, error)."""
 
 
+def _ended(error: OSError) -> Closed:
+    """The end of a session whose client socket failed: a timeout (the
+    deadline passed, or the client stopped reading) or a disconnect."""
+    return Closed("timeout" if isinstance(error, socket.timeout) else "disconnect")
+
+
 class Received(NamedTuple):
     """A message as read: its bytes (none kept once over the limit) and
     whether it went over server.max_message_size."""
@@ -46,10 +52,8 @@ class Channel:
     def send(self, reply: Reply) -> None:
         try:
             self._send(replies.encoded(reply))
-        except socket.timeout:
-            raise Closed("timeout") from None
-        except OSError:
-            raise Closed("disconnect") from None
+        except OSError as error:
+            raise _ended(error) from None
 
     def send_quietly(self, reply: Reply) -> None:
         """Send when the client still listens (a last word before closing)."""
@@ -61,10 +65,8 @@ class Channel:
     def readline(self, limit: int) -> bytes:
         try:
             return self.rfile.readline(limit)
-        except socket.timeout:
-            raise Closed("timeout") from None
-        except OSError:
-            raise Closed("disconnect") from None
+        except OSError as error:
+            raise _ended(error) from None
 
     def command(self) -> bytes:
         """One command line; b"" when it was too long (the rest is skipped)."""

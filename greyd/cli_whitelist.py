@@ -57,6 +57,14 @@ def _strip_kind(error: ValueError, kind: str) -> str:
     return message
 
 
+def _comment(text: str) -> str:
+    """--comment, checked; a one-line error when it is unfit for a listing."""
+    try:
+        return entries.check_comment(text)
+    except ValueError as error:
+        raise GreydError(f"--{error}") from None
+
+
 def _shown(kind: str, value: str, given: str) -> str:
     """'client 192.0.2.0/24', with what the operator typed when it was rewritten."""
     if given.strip().lower() in (value, value.lower()):
@@ -102,10 +110,7 @@ def add(ctx: click.Context, comment: str | None, expires: str | None, **selector
     """
     kind, value = _selected(selectors)
     if comment is not None:
-        try:
-            comment = entries.check_comment(comment)
-        except ValueError as error:
-            raise GreydError(f"--{error}") from None
+        comment = _comment(comment)
     now = time.time()
     until = None
     if expires is not None:
@@ -216,10 +221,7 @@ def import_(ctx: click.Context, file: str, kind: str, comment: str | None,
     lines = _read_lines(file)
     if comment is None:
         comment = f"imported from {'standard input' if file == '-' else file}"
-    try:
-        comment = entries.check_comment(comment)
-    except ValueError as error:
-        raise GreydError(f"--{error}") from None
+    comment = _comment(comment)
     parsed = list(entries.read_postgrey(lines, kind))
     good = [line for line in parsed if line.reason is None]
     with open_store(load_config(ctx)) as store:

@@ -208,12 +208,8 @@ class Session:
             return replies.TOO_MANY_RECIPIENTS
         envelope.attempts += 1
         verdict = self.greylister.decide(self.request(path.address), self.id)
-        if verdict.action == policy.REJECT:
-            return replies.RELAY_DENIED
-        if verdict.action == policy.GREYLIST:
-            return replies.greylisted(verdict.retry_in)
-        if verdict.action == policy.TEMPFAIL:
-            return replies.LOCAL_ERROR
+        if verdict.action != policy.ACCEPT:
+            return refusal(verdict)
         reply = self.forward_rcpt(envelope, path.address)
         if reply.ok:
             envelope.recipients.append(path.address)
@@ -314,7 +310,13 @@ class Session:
         if data is None:
             self.relay.rset()
             return replies.BARE_NEWLINE
-        reply = self.relay.data(self.trace_headers(envelope) + data)
+        server = self.config.server
+        trace = message.trace_headers(
+            helo=self.helo, name=self.client_name, client=self.client,
+            hostname=server.hostname, esmtp=self.esmtp, session=self.id,
+            recipients=envelope.recipients, delayed=envelope.delayed,
+            header=self.config.greylist.header, now=self.greylister.clock())
+        reply = self.relay.data(trace + data)
         if reply.code == 250:
             self.messages += 1
         logger.info("message %s", log.fields(
@@ -323,13 +325,14 @@ class Session:
             reply=reply.text))
         return reply
 
-    def trace_headers(self, envelope: Envelope) -> bytes:
-        server = self.config.server
-        return message.trace_headers(
-            helo=self.helo, name=self.client_name, client=self.client,
-            hostname=server.hostname, esmtp=self.esmtp, session=self.id,
-            recipients=envelope.recipients, delayed=envelope.delayed,
-            header=self.config.greylist.header, now=self.greylister.clock())
+
+def refusal(verdict: policy.Verdict) -> Reply:
+    """The reply to a recipient the greylister did not accept."""
+    if verdict.action == policy.REJECT:
+        return replies.RELAY_DENIED
+    if verdict.action == policy.GREYLIST:
+        return replies.greylisted(verdict.retry_in)
+    return replies.LOCAL_ERROR              # TEMPFAIL: the store failed
 
 
 # "HELO": Session.smtp_HELO, ...: the command table, read once.
