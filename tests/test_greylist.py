@@ -1,0 +1,142 @@
+"""greyd.greylist: the one path from a recipient to its verdict.
+
+The Greylister decides, queues the verdict for the store, logs the decision
+line; `explain` runs the same decision and changes nothing; a store that
+fails gives greylist.on_store_error. Real SQLite files in tmp_path, a clock
+moved by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+
+import pytest
+
+from greyd import config as configuration, policy
+from greyd.greylist import Greylister
+from greyd.pool import StorePool
+from greyd.policy import Request, Seen
+from greyd.storage import StoreError
+
+pytestmark = pytest.mark.timeout(30)
+
+T = 1_700_000_000
+REQUEST = Request("198.51.100.7", "Alice+news@Sender.example", "bob@localhost",
+                  helo="mail.sender.example")
+TRIPLET = policy.Triplet("198.51.100.0/24", "alice@sender.example", "bob@localhost")
+
+
+@pytest.fixture
+def config(tmp_path):
+    base = configuration.load(None, cwd=tmp_path)
+    return dataclasses.replace(
+        base, relay=dataclasses.replace(base.relay, clients=()),
+        database=dataclasses.replace(base.database, path=tmp_path / "var" / "greyd.db"))
+
+
+def rows(config) -> list[list[tuple]]:
+    conn = sqlite3.connect(config.database.path)
+    try:
+        return [sorted(conn.execute(f"SELECT * FROM {table}").fetchall())
+                for table in ("triplets", "auto_whitelist", "counters", "whitelist")]
+    finally:
+        conn.close()
+
+
+def test_decide_queues_the_verdict_and_logs_the_decision(config, clock, logs):
+    greylister = Greylister.open(config, clock=clock)
+    try:
+        first = greylister.decide(REQUEST, "5e55105e55")
+        clock.advance(60)
+        early = greylister.decide(REQUEST, "5e55105e56")   # reads what the first queued
+        clock.advance(300)
+        passed = greylister.decide(REQUEST, "5e55105e57")
+    finally:
+        greylister.close()
+    assert [(v.action, v.reason) for v in (first, early, passed)] == [
+        (policy.GREYLIST, "new"), (policy.GREYLIST, "too-early"), (policy.ACCEPT, "passed")]
+    assert passed.delayed == 360
+    lines = logs.matching(r"^decision ")
+    assert lines[0] == (
+        "decision id=5e55105e55 client=198.51.100.7 name=unknown helo=mail.sender.example"
+        " from=Alice+news@Sender.example to=bob@localhost action=greylist reason=new"
+        " delay=0 retry_in=300")
+    assert len(lines) == 3 and "reason=passed delay=360 retry_in=0" in lines[2]
+    with StorePool(config.database.path).facts(TRIPLET.network, TRIPLET) as facts:
+        assert facts.seen(TRIPLET) == Seen(int(clock.now) - 360, int(clock.now),
+                                           int(clock.now))
+
+
+def test_explain_decides_the_same_and_changes_nothing(config, clock, logs):
+    greylister = Greylister.open(config, clock=clock)
+    greylister.decide(REQUEST)
+    greylister.close()
+    before, lines = rows(config), len(logs.messages)
+    clock.advance(100)
+    verdict, seen = Greylister(config, StorePool(config.database.path),
+                               clock=clock).explain(REQUEST)
+    assert (verdict.action, verdict.reason, verdict.retry_in) == (policy.GREYLIST,
+                                                                  "too-early", 200)
+    assert seen == Seen(T, T, None)
+    assert rows(config) == before
+    assert len(logs.messages) == lines
+
+
+class BrokenStore:
+    """A store that cannot be reached, as a backend reports it."""
+
+    def facts(self, network, triplet):
+        raise StoreError("unable to open database file")
+
+    def record(self, decisions):
+        raise StoreError("unable to open database file")
+
+    def open(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("on_store_error, action", [("accept", policy.ACCEPT),
+                                                    ("tempfail", policy.TEMPFAIL)])
+def test_a_failing_store_gives_on_store_error_and_is_logged_once(config, clock, logs,
+                                                                 on_store_error, action):
+    config = dataclasses.replace(config, greylist=dataclasses.replace(
+        config.greylist, on_store_error=on_store_error))
+    greylister = Greylister(config, BrokenStore(), clock=clock)
+    verdicts = [greylister.decide(REQUEST) for _ in range(3)]
+    assert {(v.action, v.reason) for v in verdicts} == {(action, "store-error")}
+    denied = greylister.decide(REQUEST._replace(recipient="victim@elsewhere.example"))
+    assert (denied.action, denied.reason) == (policy.REJECT, "relay-denied")
+    postmaster = greylister.decide(REQUEST._replace(recipient="postmaster"))
+    assert postmaster.action == policy.ACCEPT
+    assert len(logs.matching(r"^store failure: ")) == 1
+    assert len(logs.matching(r"^decision ")) == 5
+
+
+def test_the_store_recovering_is_logged(config, clock, logs):
+    greylister = Greylister.open(config, clock=clock)
+    working = greylister.backend
+    greylister.backend = BrokenStore()
+    assert greylister.decide(REQUEST).reason == "store-error"
+    greylister.backend = working
+    assert greylister.decide(REQUEST).reason == "new"
+    greylister.close()
+    assert logs.matching(r"^store failure: ") and logs.matching(r"^store recovered$")
+
+
+def test_a_reload_keeps_the_store_and_recorder_unless_the_database_moves(config, tmp_path):
+    greylister = Greylister.open(config)
+    stricter = dataclasses.replace(config, greylist=dataclasses.replace(config.greylist,
+                                                                        delay=600))
+    same = greylister.reconfigured(stricter)
+    assert same.rules.delay == 600
+    assert (same.backend, same.recorder, same.health) == (greylister.backend,
+                                                          greylister.recorder,
+                                                          greylister.health)
+    moved = greylister.reconfigured(dataclasses.replace(config, database=dataclasses.replace(
+        config.database, path=tmp_path / "other.db")))
+    assert moved.backend is not greylister.backend and moved.recorder is not greylister.recorder
+    greylister.close()
