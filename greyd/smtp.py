@@ -17,7 +17,6 @@ import itertools
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 

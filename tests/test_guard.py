@@ -32,7 +32,7 @@ from greyd.greylist import Greylister
 from greyd.relay import Relay
 from greyd.smtp import Context, Session
 from smtpclient import Raw
-from test_daemon import GREYD, greyd, wait_listening
+from test_daemon import greyd, wait_listening
 
 pytestmark = pytest.mark.timeout(60)
 
