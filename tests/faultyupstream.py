@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from upstream import free_port
+from upstream import free_port, hang_up
 
 HOSTNAME = "upstream.test"
 LINE_LIMIT = 1 << 20
@@ -107,11 +107,7 @@ class FaultyUpstream:
         self._acceptor.join(5)
         self._listener.close()
         with self._lock:
-            for peer in self._peers:
-                try:
-                    peer.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            hang_up(self._peers)
         for thread in self._threads:
             thread.join(5)
 

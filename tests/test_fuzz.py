@@ -14,7 +14,6 @@ import queue
 import random
 import re
 import select
-import smtplib
 import socket
 import struct
 import threading
@@ -25,12 +24,12 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
+from conftest import until
+from daemon import BASE_THREADS, Foreground, config_for, descriptors, threads, wait_listening
 from greyd import replies
 from greyd.address import MAX_PATH, PathError, parse, parse_params
 from greyd.store import POOL_KEEP
-from smtpclient import Raw
-from test_daemon import Foreground, config_for, wait_listening
-from test_pressure import BASE_THREADS, descriptors, threads, until
+from smtpclient import Raw, deliver, greetings
 from upstream import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -505,16 +504,11 @@ def test_session_fuzzer_leaves_greyd_serving_at_its_baseline(tmp_path, upstream)
     plans = [plan(rng) for _ in range(SESSIONS)]
     body = b"Subject: after the fuzz\r\n\r\nStill here.\r\n"
 
-    def deliver(sender: str) -> tuple:
-        with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(TRUSTED[0], 0)) as c:
-            c.ehlo("good.example.net")
-            c.mail(sender)
-            return c.rcpt("bob@localhost"), c.data(body)
-
     with Foreground(config) as daemon:
         wait_listening(port)
         pid = daemon.proc.pid
-        assert deliver("warm@example.net")[1][0] == 250     # pools a store connection
+        warm = deliver(port, "warm@example.net", "bob@localhost", body, source=TRUSTED[0])
+        assert warm[1][0] == 250                             # pools a store connection
         assert until(lambda: threads(pid) == BASE_THREADS, 10)
         base_fds = descriptors(pid, database)
 
@@ -528,7 +522,7 @@ def test_session_fuzzer_leaves_greyd_serving_at_its_baseline(tmp_path, upstream)
         assert stats["sessions"] >= 2000, figures
         assert stats["problems"] == [], figures
         before = len(upstream.messages)
-        rcpt, data = deliver("after@example.net")
+        rcpt, data = deliver(port, "after@example.net", "bob@localhost", body, source=TRUSTED[0])
         assert rcpt == (250, b"2.1.5 OK") and data == (250, b"2.0.0 OK queued"), figures
         message = upstream.wait_for(before + 1)[-1]
         assert message.mail_from == "after@example.net" and message.data.endswith(body)
@@ -542,12 +536,8 @@ def test_session_fuzzer_leaves_greyd_serving_at_its_baseline(tmp_path, upstream)
         assert now["database"] <= POOL_KEEP * base_fds["database"], (now, base_fds)
         # No admission slot leaked: each fuzzing address gets its full share again.
         for source in (SOURCES[0], TRUSTED[0]):
-            again = [Raw(port, source=source) for _ in range(PER_CLIENT)]
-            try:
-                assert [c.greeting[0] for c in again] == [220] * PER_CLIENT, source
-            finally:
-                for c in again:
-                    c.close()
+            again = greetings(port, PER_CLIENT, source=source)
+            assert [code for code, _ in again] == [220] * PER_CLIENT, source
         for got in upstream.messages:                        # smuggling-proof under fuzz
             assert not re.search(rb"(?<!\r)\n|\r(?!\n)", got.data), got.data[:300]
         assert daemon.stop() == 0

@@ -1,7 +1,7 @@
 """greyd.policy: the decision of SPEC §5, driven with literal times.
 
 `judge` and the pieces of a triplet are tested alone; `decide` runs on a real
-Store (one SQLite file per test), and each verdict is written back with
+Store (conftest's `store`, one SQLite file per test), and each verdict is written back with
 `store.record(verdict, now, max_age=...)` exactly as a session does, so the test walks
 through the same states the daemon does.
 """
@@ -20,7 +20,6 @@ from greyd.policy import (
     ACCEPT, GREYLIST, REJECT, TEMPFAIL, Entry, Request, Rules, Seen, Whitelist,
     client_address, client_network, decide, domain_matches, judge,
     normalize_sender, relay_allowed, without_store)
-from greyd.store import Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -45,14 +44,6 @@ def rules(**changes) -> Rules:
 def request(client=STRANGER, sender="alice@sender.example", recipient="bob@example.org",
             **extra) -> Request:
     return Request(client, sender, recipient, **extra)
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "greyd.db")
-    s.migrate()
-    yield s
-    s.close()
 
 
 def step(store, req, now, rules=RULES):

@@ -1,7 +1,8 @@
 """greyd.store: schema and migrations, the queries of a decision, the pool.
 
-Every test has its own SQLite file in tmp_path; other connections to it are
-plain sqlite3 connections, as the cron cleanup or the CLI would hold.
+Every test has its own SQLite file (conftest's `database` and `store`); other
+connections to it are plain sqlite3 connections, as the cron cleanup or the
+CLI would hold.
 """
 
 import ast
@@ -39,22 +40,9 @@ EARLY_SQL = ("UPDATE triplets SET last_seen = ?"
              " WHERE network = ? AND sender = ? AND recipient = ?")
 
 
-@pytest.fixture
-def path(tmp_path):
-    return tmp_path / "greyd.db"
-
-
-@pytest.fixture
-def store(path):
-    s = Store(path)
-    s.migrate()
-    yield s
-    s.close()
-
-
-def raw(path) -> sqlite3.Connection:
+def raw(database) -> sqlite3.Connection:
     """A separate plain connection to the same file."""
-    return sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    return sqlite3.connect(str(database), isolation_level=None, check_same_thread=False)
 
 
 def verdict(update, action=GREYLIST, reason="new", triplet=TRIPLET, network=NET):
@@ -80,8 +68,8 @@ def tables(conn):
 
 # -- schema ---------------------------------------------------------------------
 
-def test_new_database_is_at_schema_version_in_wal_mode(store, path):
-    conn = raw(path)
+def test_new_database_is_at_schema_version_in_wal_mode(store, database):
+    conn = raw(database)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -94,11 +82,11 @@ def test_busy_timeout_is_set_on_every_store(store):
     assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
 
 
-def test_migrate_twice_is_harmless(store, path):
+def test_migrate_twice_is_harmless(store, database):
     store.record(verdict(policy.NEW), T, max_age=MAX_AGE)
     store.add_whitelist("client", "192.0.2.1", now=T)
     store.migrate()
-    again = Store(path)
+    again = Store(database)
     try:
         again.migrate()
         assert again.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -109,19 +97,19 @@ def test_migrate_twice_is_harmless(store, path):
         again.close()
 
 
-def test_newer_schema_is_refused(path):
-    conn = raw(path)
+def test_newer_schema_is_refused(database):
+    conn = raw(database)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    s = Store(path)
+    s = Store(database)
     try:
         with pytest.raises(sqlite3.DatabaseError, match="newer"):
             s.migrate()
     finally:
         s.close()
     with pytest.raises(sqlite3.DatabaseError):
-        StorePool(path).open()
-    conn = raw(path)
+        StorePool(database).open()
+    conn = raw(database)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
     assert "triplets" not in tables(conn)
     conn.close()
@@ -261,10 +249,10 @@ def test_decide_and_record_through_the_store(store):
 
 # -- concurrency -------------------------------------------------------------------
 
-def test_record_waits_for_another_writer(store, path):
-    other = raw(path)
+def test_record_waits_for_another_writer(store, database):
+    other = raw(database)
     other.execute("BEGIN IMMEDIATE")
-    impatient = sqlite3.connect(str(path), timeout=0)
+    impatient = sqlite3.connect(str(database), timeout=0)
     try:
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             impatient.execute("INSERT INTO meta (key, value) VALUES ('probe', 1)")
@@ -331,7 +319,7 @@ def test_add_whitelist_refuses_an_unknown_kind(store):
     assert store.conn.execute("SELECT count(*) FROM whitelist").fetchone()[0] == 0
 
 
-def test_whitelist_is_cached_until_another_connection_changes_it(store, path):
+def test_whitelist_is_cached_until_another_connection_changes_it(store, database):
     first = store.whitelist()
     assert store.whitelist() is first
     req = Request("198.51.100.7", "alice@sender.example", "bob@localhost")
@@ -339,7 +327,7 @@ def test_whitelist_is_cached_until_another_connection_changes_it(store, path):
     store.record(verdict(policy.NEW), T, max_age=MAX_AGE)            # other tables: cache kept
     assert store.whitelist() is first
 
-    writer = Store(path)
+    writer = Store(database)
     try:
         assert writer.add_whitelist("sender", "@sender.example", now=T) is True
     finally:
@@ -350,11 +338,11 @@ def test_whitelist_is_cached_until_another_connection_changes_it(store, path):
     assert store.whitelist() is second
 
 
-def test_whitelist_cache_sees_a_removal(store, path):
+def test_whitelist_cache_sees_a_removal(store, database):
     store.add_whitelist("client", NET, now=T)
     req = Request("198.51.100.7", "a@b.example", "c@localhost")
     assert store.whitelist().match(req, T) == NET
-    conn = raw(path)
+    conn = raw(database)
     conn.execute("DELETE FROM whitelist WHERE kind = 'client'")
     conn.close()
     assert store.whitelist().match(req, T) is None
@@ -362,11 +350,11 @@ def test_whitelist_cache_sees_a_removal(store, path):
 
 # -- the pool ---------------------------------------------------------------------
 
-def test_pool_open_creates_and_migrates(path):
-    pool = StorePool(path)
+def test_pool_open_creates_and_migrates(database):
+    pool = StorePool(database)
     pool.open()
     try:
-        conn = raw(path)
+        conn = raw(database)
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.close()
@@ -377,8 +365,8 @@ def test_pool_open_creates_and_migrates(path):
         pool.close()
 
 
-def test_pool_reuses_its_connection(path):
-    pool = StorePool(path)
+def test_pool_reuses_its_connection(database):
+    pool = StorePool(database)
     pool.open()
     try:
         with pool.connection() as first:
@@ -390,8 +378,8 @@ def test_pool_reuses_its_connection(path):
         pool.close()
 
 
-def test_pool_discards_a_connection_after_a_database_error(path):
-    pool = StorePool(path)
+def test_pool_discards_a_connection_after_a_database_error(database):
+    pool = StorePool(database)
     pool.open()
     try:
         with pytest.raises(sqlite3.OperationalError):
@@ -406,8 +394,8 @@ def test_pool_discards_a_connection_after_a_database_error(path):
         pool.close()
 
 
-def test_pool_keeps_at_most_keep_connections(path):
-    pool = StorePool(path, keep=1)
+def test_pool_keeps_at_most_keep_connections(database):
+    pool = StorePool(database, keep=1)
     pool.open()
     try:
         with pool.connection() as outer:
@@ -423,8 +411,8 @@ def test_pool_keeps_at_most_keep_connections(path):
         pool.close()
 
 
-def test_pool_close_closes_idle_connections(path):
-    pool = StorePool(path)
+def test_pool_close_closes_idle_connections(database):
+    pool = StorePool(database)
     pool.open()
     with pool.connection() as s:
         pass
@@ -439,11 +427,11 @@ def test_check_writable_passes_on_a_writable_database(store):
     assert not store.conn.in_transaction
 
 
-def test_check_writable_refuses_a_read_only_database(path):
-    pool = StorePool(path)
+def test_check_writable_refuses_a_read_only_database(database):
+    pool = StorePool(database)
     pool.open()
     pool.close()
-    os.chmod(path, 0o444)
+    os.chmod(database, 0o444)
     # Root writes through 0444; without CAP_DAC_OVERRIDE it cannot, like any user.
     prefix = ["setpriv", "--bounding-set=-dac_override", "--"] if os.geteuid() == 0 else []
     probe = ("import sys, sqlite3\n"
@@ -451,14 +439,14 @@ def test_check_writable_refuses_a_read_only_database(path):
              "s = Store(sys.argv[1])\n"
              "try:\n    s.check_writable()\nexcept sqlite3.Error as e:\n    print('check:', e)\n"
              "try:\n    StorePool(sys.argv[1]).open()\nexcept sqlite3.Error as e:\n    print('open:', e)\n")
-    result = subprocess.run([*prefix, sys.executable, "-c", probe, str(path)],
+    result = subprocess.run([*prefix, sys.executable, "-c", probe, str(database)],
                             capture_output=True, text=True, timeout=20)
     assert result.stdout.splitlines() == ["check: attempt to write a readonly database",
                                           "open: attempt to write a readonly database"], result.stderr
 
 
-def test_pool_connections_commit_without_fsync_in_wal(path):
-    pool = StorePool(path)
+def test_pool_connections_commit_without_fsync_in_wal(database):
+    pool = StorePool(database)
     pool.open()
     with pool.connection() as first, pool.connection() as second:
         for s in (first, second):
@@ -466,9 +454,9 @@ def test_pool_connections_commit_without_fsync_in_wal(path):
             assert s.conn.execute("PRAGMA synchronous").fetchone()[0] == 1   # NORMAL
 
 
-def test_a_hundred_concurrent_writers_all_succeed(path):
+def test_a_hundred_concurrent_writers_all_succeed(database):
     """Writers of one process queue on the pool's lock, not in SQLite's busy handler."""
-    pool = StorePool(path)
+    pool = StorePool(database)
     pool.open()
     failures = []
 
@@ -487,7 +475,7 @@ def test_a_hundred_concurrent_writers_all_succeed(path):
     for thread in threads:
         thread.join(60)
     assert failures == []
-    with Store(path) as s:
+    with Store(database) as s:
         assert s.conn.execute("SELECT count(*) FROM triplets").fetchone()[0] == 2000
 
 
@@ -516,7 +504,7 @@ def test_a_snapshot_answers_as_the_separate_queries_do(store):
     assert facts.seen(other) is None and facts.auto_entry("192.0.2.0/24") is None
 
 
-def test_a_new_triplet_reads_no_row_yet_sees_another_connections_whitelist(store, path):
+def test_a_new_triplet_reads_no_row_yet_sees_another_connections_whitelist(store, database):
     """Nothing to tell (the whitelist this connection holds, no entries) is
     no row at all; a whitelist changed elsewhere still comes through."""
     store.facts(NET, TRIPLET).whitelist()           # the connection now holds version 0
@@ -525,7 +513,7 @@ def test_a_new_triplet_reads_no_row_yet_sees_another_connections_whitelist(store
     facts = store.facts(NET, TRIPLET)
     assert facts.seen(TRIPLET) is None and facts.auto_entry(NET) is None
     assert facts.whitelist() == store.whitelist()
-    with Store(path) as other:
+    with Store(database) as other:
         other.add_whitelist("sender", "vip@example.org")
     assert store.conn.execute(storage.FACTS_SQL, args).fetchone() is not None
     request = policy.Request(client="192.0.2.1", sender="vip@example.org",
@@ -562,8 +550,8 @@ def test_record_many_writes_what_recording_one_by_one_writes(tmp_path):
     assert together.seen(Triplet(NET, "x7@e.example", "b@localhost")).first == T + 25
 
 
-def test_the_writer_commits_concurrent_sessions_together(path):
-    pool = StorePool(path)
+def test_the_writer_commits_concurrent_sessions_together(database):
+    pool = StorePool(database)
     pool.open()
     commits = []
     pool_connection = pool.connection
@@ -592,11 +580,11 @@ def test_the_writer_commits_concurrent_sessions_together(path):
     pool.close()
 
 
-def test_a_decision_waits_for_this_process_s_queued_writes_about_its_triplet(path):
+def test_a_decision_waits_for_this_process_s_queued_writes_about_its_triplet(database):
     """settle(): a retry is decided on what came before it, even at once."""
-    pool = StorePool(path)
+    pool = StorePool(database)
     pool.open()
-    locker = raw(path)
+    locker = raw(database)
     locker.execute("BEGIN IMMEDIATE")         # the writer thread waits behind this
 
     def settling(network, triplet) -> threading.Thread:
@@ -626,10 +614,10 @@ def test_a_decision_waits_for_this_process_s_queued_writes_about_its_triplet(pat
     locker.close()
 
 
-def test_after_a_failed_commit_sessions_wait_for_their_own_until_one_succeeds(path):
-    pool = StorePool(path)
+def test_after_a_failed_commit_sessions_wait_for_their_own_until_one_succeeds(database):
+    pool = StorePool(database)
     pool.open()
-    locker = raw(path)
+    locker = raw(database)
     locker.execute("PRAGMA busy_timeout = 0")
     locker.execute("BEGIN IMMEDIATE")         # the write lock, held past greyd's busy timeout
     lost = [Triplet(NET, f"s{i}@sender.example", "bob@localhost") for i in range(5)]
