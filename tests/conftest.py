@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: a fake clock, config files, greyd in-process on
-loopback, a store of the test's own, polling.
+loopback, a store of the test's own, the policy's facts in memory, polling.
 
 greyd runs on ("127.0.0.1", 0) in threads of the test process; the upstream
 MTA is a real aiosmtpd server (tests/upstream.py). The test client comes from
@@ -18,12 +18,12 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from greyd import config as configuration, log
+from greyd import config as configuration, log, policy
 from greyd.server import Daemon
 from greyd.smtp import Context
 from greyd.store import Store, StorePool
@@ -187,7 +187,7 @@ def greeted(port: int, *, source: str | None = None, timeout: float = 5) -> Raw 
     return until(attempt, timeout)
 
 
-# -- a store of the test's own -----------------------------------------------------------------
+# -- the store, and the policy's facts without one -------------------------------------------
 
 @pytest.fixture
 def database(tmp_path) -> Path:
@@ -201,6 +201,29 @@ def store(database):
     with Store(database) as opened:
         opened.migrate()
         yield opened
+
+
+@dataclass
+class MemoryFacts:
+    """policy.Facts in memory: what a decision reads, given as literals.
+
+    `entries` are the static whitelist, `networks` the auto-whitelist entries
+    by client network, `triplets` what is known of each triplet. Nothing is
+    written: a policy test says what the store would hold, and `decide` reads it.
+    """
+
+    entries: list[policy.Entry] = field(default_factory=list)
+    networks: dict[str, policy.AutoEntry] = field(default_factory=dict)
+    triplets: dict[policy.Triplet, policy.Seen] = field(default_factory=dict)
+
+    def whitelist(self) -> policy.Whitelist:
+        return policy.Whitelist.build(self.entries)
+
+    def auto_entry(self, network: str) -> policy.AutoEntry | None:
+        return self.networks.get(network)
+
+    def seen(self, triplet: policy.Triplet) -> policy.Seen | None:
+        return self.triplets.get(triplet)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import MemoryFacts
 from greyd import log, policy, replies
 from greyd.cli import cli
 from smtpclient import R, Raw
@@ -819,18 +820,15 @@ RECIPIENTS = st.one_of(
     st.text(max_size=40))
 
 
-class TrustsEverything:
-    """Facts for policy.decide that whitelist anything: the relay check must still hold."""
-
-    def whitelist(self):
-        return policy.Whitelist.build([policy.Entry("client", "0.0.0.0/0"),
-                                       policy.Entry("hostname", "/.*/")])
-
-    def auto_entry(self, network):
-        return policy.AutoEntry(count=1000, last_seen=0)
-
-    def seen(self, triplet):
-        return policy.Seen(first=0, last=0, passed=0)
+def trusting_everything(request: policy.Request, rules: policy.Rules) -> MemoryFacts:
+    """Facts for policy.decide that let anything through: the client's network and
+    hostname whitelisted and auto-whitelisted, its triplet passed long ago. The relay
+    check must still hold."""
+    network, triplet = policy.keys(request, rules)
+    return MemoryFacts(entries=[policy.Entry("client", "0.0.0.0/0"),
+                                policy.Entry("hostname", "/.*/")],
+                       networks={network: policy.AutoEntry(count=1000, last_seen=0)},
+                       triplets={triplet: policy.Seen(first=0, last=0, passed=0)})
 
 
 @settings(max_examples=3000, deadline=None, derandomize=True, database=None,
@@ -847,6 +845,7 @@ def test_relay_allowed_only_when_every_reading_is_relayed(recipient):
         rules = policy.Rules(relay_domains=PATTERNS, relay_clients=())
         request = policy.Request("203.0.113.9", SENDER, recipient, client_name="mx.example.com",
                                  dnswl="list.dnswl.example")
-        assert policy.decide(request, rules, TrustsEverything(), 0).action == policy.REJECT
+        facts = trusting_everything(request, rules)
+        assert policy.decide(request, rules, facts, 0).action == policy.REJECT
         for on_store_error in ("accept", "tempfail"):
             assert policy.without_store(request, rules, on_store_error).action == policy.REJECT

@@ -1,4 +1,5 @@
-"""greyd.store: schema and migrations, the queries of a decision, the pool.
+"""greyd.store: schema and migrations, the queries of a decision, the pool, and
+the policy deciding on what the store remembers of earlier decisions.
 
 Every test has its own SQLite file (conftest's `database` and `store`); other
 connections to it are plain sqlite3 connections, as the cron cleanup or the
@@ -6,6 +7,7 @@ CLI would hold.
 """
 
 import ast
+import dataclasses
 import os
 import sqlite3
 import subprocess
@@ -245,6 +247,152 @@ def test_decide_and_record_through_the_store(store):
         store.record(v, now, max_age=MAX_AGE)
         assert v.reason == reason
     assert store.seen(TRIPLET) == Seen(T, T + DAY, T + 300)
+
+
+# -- the policy on what the store remembers ------------------------------------------------
+# Each RCPT as a session handles it: decide on the store, then record the verdict. What
+# the store makes of the records (first, last and passed times; the auto-whitelist's
+# count, at most once an hour, forgotten after max_age) is what the next decision reads.
+# The policy alone, on facts given in memory, is test_policy.py.
+
+STRANGER = "198.51.100.7"            # in NET; neither trusted nor whitelisted
+AUTO2 = dataclasses.replace(RULES, auto_whitelist_after=2)
+
+
+def mail_from(sender: str = "alice@sender.example", *, client: str = STRANGER,
+              recipient: str = "bob@localhost", **extra) -> Request:
+    """One recipient of mail from `sender` at a stranger's address."""
+    return Request(client, sender, recipient, **extra)
+
+
+def step(store, req, now, rules=RULES):
+    """One RCPT as the daemon handles it: decide, then record."""
+    verdict = decide(req, rules, store, now)
+    store.record(verdict, now, max_age=rules.max_age)
+    return verdict
+
+
+def pass_triplet(store, req, start, rules=RULES):
+    """Greylist `req` at `start` and let its retry pass `delay` seconds later."""
+    assert step(store, req, start, rules).reason == "new"
+    verdict = step(store, req, start + rules.delay, rules)
+    assert verdict.reason == "passed"
+    return verdict
+
+
+def test_full_life_of_a_triplet(store):
+    req = mail_from()
+    v = step(store, req, T)
+    assert (v.action, v.reason, v.retry_in) == (GREYLIST, "new", 300)
+    assert v.network == NET
+    assert v.triplet == TRIPLET
+    assert store.seen(v.triplet) == Seen(first=T, last=T, passed=None)
+
+    v = step(store, req, T + 100)
+    assert (v.action, v.reason, v.retry_in, v.delayed) == (GREYLIST, "too-early", 200, 100)
+    assert store.seen(v.triplet) == Seen(first=T, last=T + 100, passed=None)
+
+    v = step(store, req, T + 300)
+    assert (v.action, v.reason, v.delayed) == (ACCEPT, "passed", 300)
+    assert store.seen(v.triplet) == Seen(first=T, last=T + 300, passed=T + 300)
+
+    v = step(store, req, T + 10 * DAY)
+    assert (v.action, v.reason) == (ACCEPT, "known")
+    assert store.seen(v.triplet) == Seen(first=T, last=T + 10 * DAY, passed=T + 300)
+
+
+def test_expired_retry_restarts_the_triplet(store):
+    req = mail_from()
+    step(store, req, T)
+    v = step(store, req, T + 2 * DAY + 1)
+    assert (v.action, v.reason, v.retry_in) == (GREYLIST, "expired-retry", 300)
+    assert store.seen(v.triplet) == Seen(first=T + 2 * DAY + 1, last=T + 2 * DAY + 1)
+    v = step(store, req, T + 2 * DAY + 301)
+    assert (v.action, v.reason, v.delayed) == (ACCEPT, "passed", 300)
+
+
+def test_forgotten_triplet_is_greylisted_again(store):
+    req = mail_from()
+    pass_triplet(store, req, T)
+    v = step(store, req, T + 300 + 35 * DAY + 1)
+    assert (v.action, v.reason) == (GREYLIST, "new")
+    assert store.seen(v.triplet).passed is None
+
+
+@pytest.mark.parametrize("entry, overrides, reason", [
+    (None, {"recipient": "victim@elsewhere.example"}, "relay-denied"),
+    (None, {"dnswl": "list.dnswl.example"}, "dnswl:list.dnswl.example"),
+    (("client", "198.51.100.0/24"), {}, "whitelist:198.51.100.0/24"),
+    (("client", "198.51.100.7"), {"client": "::ffff:198.51.100.7"}, "whitelist:198.51.100.7"),
+    (("sender", "@sender.example"), {}, "whitelist:@sender.example"),
+    (("recipient", "bob@"), {}, "whitelist:bob@"),
+    (("hostname", r"/^out-\d+\.mx\.sender\.example$/"),
+     {"client_name": "out-7.mx.sender.example"}, r"whitelist:/^out-\d+\.mx\.sender\.example$/"),
+], ids=["relay-denied", "dnswl", "network", "mapped", "sender", "recipient", "hostname"])
+def test_a_decision_without_a_triplet_writes_none(store, entry, overrides, reason):
+    """Relay-denied, DNSWL-listed, or whitelisted by an entry added through the store."""
+    req = mail_from(**overrides)
+    if entry is not None:
+        assert decide(req, RULES, store, T).action == GREYLIST
+        assert store.add_whitelist(*entry, now=T) is True
+    v = step(store, req, T)
+    assert v.reason == reason and v.triplet is None
+    assert store.conn.execute("SELECT count(*) FROM triplets").fetchone()[0] == 0
+
+
+def test_whitelist_entries_expire_as_stored(store):
+    store.add_whitelist("client", STRANGER, expires=T - 1, now=T - DAY)
+    store.add_whitelist("sender", "alice@sender.example", expires=T, now=T - DAY)
+    v = decide(mail_from(), RULES, store, T)
+    assert (v.action, v.reason) == (GREYLIST, "new")
+    store.add_whitelist("sender", "@sender.example", expires=T + 60, now=T)
+    assert decide(mail_from(), RULES, store, T + 59).reason == "whitelist:@sender.example"
+    assert decide(mail_from(), RULES, store, T + 60).reason == "new"
+
+
+def test_auto_whitelist_after_two_passes_an_hour_apart(store):
+    pass_triplet(store, mail_from("a@sender.example"), T, AUTO2)
+    newcomer = mail_from("c@sender.example")
+    assert decide(newcomer, AUTO2, store, T + 400).reason == "new"
+    pass_triplet(store, mail_from("b@sender.example"), T + HOUR, AUTO2)
+    assert store.auto_entry(NET) == AutoEntry(count=2, last_seen=T + HOUR + 300)
+
+    v = step(store, newcomer, T + HOUR + 400, AUTO2)
+    assert (v.action, v.reason) == (ACCEPT, "auto-whitelist")
+    assert v.update == policy.AUTO and v.triplet is None
+    # its mail creates no new triplets, and keeps the network's entry fresh
+    assert store.seen(Triplet(NET, "c@sender.example", "bob@localhost")) is None
+    assert store.auto_entry(NET).last_seen == T + HOUR + 400
+    # any address in the same network benefits
+    other = mail_from("z@other.example", client="198.51.100.250", recipient="x@localhost")
+    assert decide(other, AUTO2, store, T + HOUR + 500).reason == "auto-whitelist"
+
+
+def test_known_deliveries_count_toward_the_auto_whitelist(store):
+    req = mail_from("a@sender.example")
+    pass_triplet(store, req, T, AUTO2)
+    assert step(store, req, T + 300 + HOUR, AUTO2).reason == "known"
+    assert decide(mail_from("new@sender.example"), AUTO2, store,
+                  T + 400 + HOUR).reason == "auto-whitelist"
+
+
+def test_passes_within_the_same_hour_count_once(store):
+    pass_triplet(store, mail_from("a@sender.example"), T, AUTO2)
+    pass_triplet(store, mail_from("b@sender.example"), T + 600, AUTO2)
+    pass_triplet(store, mail_from("d@sender.example"), T + HOUR - 1, AUTO2)
+    assert store.auto_entry(NET).count == 1
+    v = decide(mail_from("c@sender.example"), AUTO2, store, T + HOUR + 400)
+    assert (v.action, v.reason) == (GREYLIST, "new")
+
+
+def test_auto_whitelist_count_is_forgotten_after_max_age(store):
+    pass_triplet(store, mail_from("a@sender.example"), T, AUTO2)
+    pass_triplet(store, mail_from("b@sender.example"), T + HOUR, AUTO2)
+    later = T + HOUR + 300 + 35 * DAY + 1          # network unseen past max_age
+    pass_triplet(store, mail_from("c@sender.example"), later, AUTO2)
+    # one pass since it was forgotten: not yet auto-whitelisted
+    v = decide(mail_from("d@sender.example"), AUTO2, store, later + 400)
+    assert (v.action, v.reason) == (GREYLIST, "new")
 
 
 # -- concurrency -------------------------------------------------------------------
