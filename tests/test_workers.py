@@ -35,6 +35,15 @@ def running_workers(master: int, replacing: set[int] = frozenset()) -> set[int]:
     return workers
 
 
+def gone(pid: int) -> bool:
+    """True once the process has exited (a zombie nobody reaped has exited too)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
 def serving_pids(log: str) -> set[int]:
     return {int(pid) for pid in re.findall(r"greyd\[(\d+)\]: INFO session end ", log)}
 
@@ -186,12 +195,31 @@ def test_reload_reaches_every_worker(workers_config, port, tmp_path):
         assert daemon.stop() == 0
 
 
-def test_a_worker_whose_master_is_gone_stops(workers_config, port):
+MASTER_GONE_BOUND = 15   # seconds: a worker looks for its master every 0.5 s, then stops
+
+
+def test_a_worker_whose_master_is_gone_stops(workers_config, port, tmp_path):
+    """Killed outright, the master cannot tell its workers to stop: each must
+    find out by itself and stop gracefully, freeing the port, instead of
+    serving on as an orphan nobody supervises."""
     with Foreground(workers_config) as daemon:
         wait_listening(port)
         workers = running_workers(daemon.proc.pid)
-        daemon.proc.kill()
-        daemon.proc.wait()
-        assert until(lambda: not any(Path(f"/proc/{pid}").exists() and
-                                     "zombie" not in Path(f"/proc/{pid}/status").read_text()
-                                     for pid in workers), 10), "the workers did not stop"
+        try:
+            assert deliver(port, "a@example.net", "b@localhost")[0][0] == 451   # they serve
+            daemon.proc.kill()
+            daemon.proc.wait()
+            stopped = until(lambda: all(gone(pid) for pid in workers), MASTER_GONE_BOUND)
+            running = sorted(pid for pid in workers if not gone(pid))
+            assert stopped, f"workers {running} outlived their master by {MASTER_GONE_BOUND} s"
+        finally:
+            for pid in workers:            # a worker that does not stop must not outlive the test
+                if not gone(pid):
+                    os.kill(pid, signal.SIGKILL)
+    log = (tmp_path / "var/log/greyd.log").read_text()
+    assert log.count("master process gone, stopping") == WORKERS
+    assert log.count("INFO stopped") == WORKERS
+    with socket.socket() as probe:     # nothing serves the port any more
+        probe.settimeout(5)
+        with pytest.raises(ConnectionRefusedError):
+            probe.connect(("127.0.0.1", port))
