@@ -1,9 +1,11 @@
-"""Shared fixtures: a fake clock, config files, greyd in-process on loopback.
+"""Shared fixtures and helpers: a fake clock, config files, greyd in-process on
+loopback, a store of the test's own, the policy's facts in memory, polling.
 
 greyd runs on ("127.0.0.1", 0) in threads of the test process; the upstream
 MTA is a real aiosmtpd server (tests/upstream.py). The test client comes from
 127.0.0.1, which the fixtures leave out of relay.clients so that it is
-greylisted like any stranger.
+greylisted like any stranger. greyd as a subprocess is tests/daemon.py; the
+SMTP clients are tests/smtpclient.py.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import smtplib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TypeVar
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from greyd import config as configuration, log
+from greyd import config as configuration, log, policy
 from greyd.greylist import Greylister
 from greyd.server import Daemon
 from greyd.smtp import Context
@@ -30,6 +33,7 @@ from smtpclient import Raw
 from upstream import Upstream, free_port
 
 START = 1_700_000_000.0
+Value = TypeVar("Value")
 
 
 class Clock:
@@ -112,6 +116,12 @@ class Greyd:
         self.ctx.greylister.recorder.flush()
         return Store(self.config.database.path)
 
+    def whitelist(self, kind: str = "client", value: str = "127.0.0.1/32") -> None:
+        """Add a static whitelist entry; by default the test client, so that every
+        recipient that passes the relay check goes straight to the upstream."""
+        with self.store() as store:
+            store.add_whitelist(kind, value)
+
 
 class LogLines(logging.Handler):
     """What the "greyd" loggers say, from any thread: `lines` as the log file
@@ -155,14 +165,66 @@ def logs():
     logger.setLevel(level)
 
 
-def until(condition: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+def until(condition: Callable[[], Value], timeout: float, step: float = 0.05) -> Value:
+    """Poll `condition` until it returns a true value, and return that value; its
+    last, false, value once `timeout` seconds pass. The one waiting loop of the tests."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (result := condition()):
         if time.monotonic() > deadline:
-            return False
+            return result
         time.sleep(step)
-    return True
+    return result
+
+
+def greeted(port: int, *, source: str | None = None, timeout: float = 5) -> Raw | None:
+    """A new connection to greyd that it greets with 220, tried again while it
+    refuses (421) for up to `timeout` seconds; None if it never greets one."""
+    def attempt() -> Raw | None:
+        probe = Raw(port, source=source)
+        if probe.greeting[0] == 220:
+            return probe
+        probe.close()
+        return None
+    return until(attempt, timeout)
+
+
+# -- the store, and the policy's facts without one -------------------------------------------
+
+@pytest.fixture
+def database(tmp_path) -> Path:
+    """This test's own database file (not created)."""
+    return tmp_path / "greyd.db"
+
+
+@pytest.fixture
+def store(database):
+    """A migrated Store on this test's own database file."""
+    with Store(database) as opened:
+        opened.migrate()
+        yield opened
+
+
+@dataclass
+class MemoryFacts:
+    """policy.Facts in memory: what a decision reads, given as literals.
+
+    `entries` are the static whitelist, `networks` the auto-whitelist entries
+    by client network, `triplets` what is known of each triplet. Nothing is
+    written: a policy test says what the store would hold, and `decide` reads it.
+    """
+
+    entries: list[policy.Entry] = field(default_factory=list)
+    networks: dict[str, policy.AutoEntry] = field(default_factory=dict)
+    triplets: dict[policy.Triplet, policy.Seen] = field(default_factory=dict)
+
+    def whitelist(self) -> policy.Whitelist:
+        return policy.Whitelist.build(self.entries)
+
+    def auto_entry(self, network: str) -> policy.AutoEntry | None:
+        return self.networks.get(network)
+
+    def seen(self, triplet: policy.Triplet) -> policy.Seen | None:
+        return self.triplets.get(triplet)
 
 
 @pytest.fixture
@@ -184,13 +246,14 @@ def port() -> int:
 
 @pytest.fixture
 def start_greyd(tmp_path, clock):
-    """start_greyd(upstream_port, **{section: {key: value}}) -> Greyd, stopped at teardown."""
+    """start_greyd(upstream_port, grace=1, **{section: {key: value}}) -> Greyd, stopped
+    at teardown; `grace`: the seconds a stop lets sessions finish."""
     running: list[Daemon] = []
 
-    def start(upstream_port: int, **overrides) -> Greyd:
+    def start(upstream_port: int, *, grace: float = 1, **overrides) -> Greyd:
         config = configuration.load(write_config(tmp_path, upstream_port, **overrides))
         ctx = Context(config, Greylister.open(config, clock=clock))
-        daemon = Daemon(ctx, grace=1)
+        daemon = Daemon(ctx, grace=grace)
         daemon.start()
         running.append(daemon)
         return Greyd(daemon, ctx, clock)

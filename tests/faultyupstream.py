@@ -12,7 +12,8 @@ token (and the returned event fires). `pause` and `resume` stop and restart
 listening, so that a connection attempt is refused outright.
 
 The server keeps every message it completed with a 250 at the end of DATA
-(its bytes after dot-unstuffing) and every fault reply it sent, by token.
+(its bytes after dot-unstuffing), every fault reply it sent, and what it had
+read of a message it hung up in the middle of, by token.
 This is a helper module, not a test module.
 """
 
@@ -26,7 +27,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from upstream import free_port
+from upstream import free_port, hang_up
 
 HOSTNAME = "upstream.test"
 LINE_LIMIT = 1 << 20
@@ -45,7 +46,8 @@ class Fault:
     connection at once) or "unlisten" (the test pauses the listener); at
     "after" "hangup" (close once the message is queued). `at`: at "rcpt", the
     number of the recipient refused (1-based); at "message", the octets of the
-    message read before hanging up.
+    message read before hanging up. `once` (a fault from "mail" on): only the
+    token's first transaction meets it; those after it go through.
     """
 
     step: str = ""
@@ -53,6 +55,7 @@ class Fault:
     code: int = 0
     text: str = ""
     at: int = 0
+    once: bool = False
 
 
 NO_FAULT = Fault()
@@ -82,11 +85,13 @@ class FaultyUpstream:
         self.port = free_port()
         self.messages: list[Delivered] = []
         self.sent: dict[str, list[tuple[int, str]]] = defaultdict(list)   # fault replies by token
+        self.partial: dict[str, bytes] = {}   # what a hang-up at "message" had read, by token
         self.mismatches: list[str] = []   # armed for one token, first MAIL for another
         self.connections = 0
         self.stalls = 0
         self._lock = threading.Lock()
         self._armed: _Handoff | None = None
+        self._met: set[str] = set()       # tokens whose planned fault has been met
         self._stopping = threading.Event()
         self._peers: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
@@ -107,11 +112,7 @@ class FaultyUpstream:
         self._acceptor.join(5)
         self._listener.close()
         with self._lock:
-            for peer in self._peers:
-                try:
-                    peer.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            hang_up(self._peers)
         for thread in self._threads:
             thread.join(5)
 
@@ -171,6 +172,15 @@ class FaultyUpstream:
     def _record(self, update) -> None:
         with self._lock:
             update()
+
+    def _plan(self, token: str) -> Fault:
+        """The fault planned for a transaction of `token` (a `once` fault: its first only)."""
+        fault = self.plans.get(token, NO_FAULT)
+        with self._lock:
+            if fault.once and token in self._met:
+                return NO_FAULT
+            self._met.add(token)
+        return fault
 
 
 class _Dialogue:
@@ -264,7 +274,7 @@ class _Dialogue:
         if self.mails == 1 and self.armed is not None and token != self.armed:
             self.server._record(lambda: self.server.mismatches.append(
                 f"connection armed for {self.armed} carried MAIL for {token}"))
-        fault = self.server.plans.get(token, NO_FAULT)
+        fault = self.server._plan(token)
         if fault.step == "mail":
             return self.fail(fault, token)
         self.token, self.fault, self.sender, self.recipients = token, fault, sender, []
@@ -291,7 +301,8 @@ class _Dialogue:
             return self.fail(fault, token)
         self.say(354, "End data with <CR><LF>.<CR><LF>")
         if fault.step == "message":
-            self.file.read(fault.at)
+            read = self.file.read(fault.at)
+            self.server._record(lambda: self.server.partial.update({token: read}))
             return False
         lines = []
         while True:

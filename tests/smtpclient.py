@@ -1,8 +1,45 @@
-"""A raw SMTP client for tests that need to send exact bytes (smtplib fixes them up)."""
+"""The tests' SMTP clients: `Raw` for exact bytes (smtplib fixes them up), `R` for
+comparing its replies with greyd's constants, `deliver`, one whole transaction
+through smtplib, and `greetings`, what many connections at once are told.
+This is a helper module, not a test module.
+"""
 
 from __future__ import annotations
 
+import smtplib
 import socket
+
+from greyd.replies import Reply
+
+
+def R(reply: Reply) -> tuple[int, str]:
+    """A reply constant as Raw.cmd() and Raw.reply() return it: (code, text)."""
+    return reply.code, reply.text
+
+
+def deliver(port: int, sender: str, recipient: str = "bob@localhost", body: bytes = b"", *,
+            source: str | None = None) -> tuple:
+    """One transaction from 127.0.0.1 (or `source`) through smtplib: the RCPT
+    reply, and the DATA reply when the RCPT passed (else None)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10,
+                      source_address=(source, 0) if source else None) as client:
+        client.ehlo("mail.example.net")
+        client.mail(sender)
+        rcpt = client.rcpt(recipient)
+        data = client.data(body) if rcpt[0] == 250 else None
+    return rcpt, data
+
+
+def greetings(port: int, n: int, *, source: str | None = None) -> list[tuple[int, str]]:
+    """The greetings of `n` connections from `source`, all open at once; then closed."""
+    opened: list[Raw] = []
+    try:
+        for _ in range(n):
+            opened.append(Raw(port, source=source))
+        return [client.greeting for client in opened]
+    finally:
+        for client in opened:
+            client.close()
 
 
 class Raw:

@@ -26,10 +26,10 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import MemoryFacts
 from greyd import log, policy, replies
 from greyd.cli import cli
-from greyd.replies import Reply
-from smtpclient import Raw
+from smtpclient import R, Raw
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,10 +41,6 @@ RCPT_OK = (250, "2.1.5 OK")            # the upstream's own replies (tests/upstr
 QUEUED = (250, "2.0.0 OK queued")
 HEAD = b"From: alice@example.net\r\nSubject: attack\r\n\r\n"
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-
-
-def R(reply: Reply) -> tuple[int, str]:
-    return reply.code, reply.text
 
 
 # -- harness ----------------------------------------------------------------------------------
@@ -142,11 +138,6 @@ def verbs(commands: list[bytes]) -> list[bytes]:
     return [command.split(b" ", 1)[0].split(b":", 1)[0].upper() for command in commands]
 
 
-def whitelist(g, kind: str = "client", value: str = "127.0.0.1/32") -> None:
-    with g.store() as store:
-        store.add_whitelist(kind, value)
-
-
 def client(g) -> Raw:
     c = g.raw()
     assert c.greeting[0] == 220
@@ -217,7 +208,7 @@ def assert_one_transaction_upstream(upstream, tap, *, data: bool) -> None:
 @pytest.mark.parametrize("end", ENDS.values(), ids=ENDS.keys())
 def test_smuggled_transaction_stays_inside_the_one_message(start_greyd, upstream, tap, end):
     g = start_greyd(tap.port)
-    whitelist(g)
+    g.whitelist()
     with client(g) as c:
         reply = deliver(c, smuggling_body(end))
         assert c.cmd("NOOP") == R(replies.OK)      # the very next reply: nothing else was run
@@ -237,7 +228,7 @@ def test_smuggled_transaction_stays_inside_the_one_message(start_greyd, upstream
 @pytest.mark.parametrize("end", ENDS.values(), ids=ENDS.keys())
 def test_smuggling_with_bare_newlines_rejected(start_greyd, upstream, tap, end):
     g = start_greyd(tap.port, server={"bare_newlines": "reject"})
-    whitelist(g)
+    g.whitelist()
     body = smuggling_body(end)
     with client(g) as c:
         if BARE.search(body):
@@ -255,7 +246,7 @@ def test_smuggling_with_bare_newlines_rejected(start_greyd, upstream, tap, end):
 
 def test_pipelining_after_the_real_end_is_not_smuggling(start_greyd, upstream, tap):
     g = start_greyd(tap.port)
-    whitelist(g)
+    g.whitelist()
     with client(g) as c:
         assert c.cmd(f"MAIL FROM:<{SENDER}>") == R(replies.SENDER_OK)
         assert c.cmd(f"RCPT TO:<{RECIPIENT}>") == RCPT_OK
@@ -319,7 +310,7 @@ INJECTED = {
 def test_cr_lf_nul_in_a_command_is_501_and_forwards_nothing(start_greyd, upstream, tap,
                                                             state, payload, expected):
     g = start_greyd(tap.port)
-    whitelist(g)                        # anything that got through would go straight upstream
+    g.whitelist()                        # anything that got through would go straight upstream
     with g.raw() as c:
         if state != "connected":
             assert c.cmd("EHLO client.example.net")[0] == 250
@@ -376,7 +367,7 @@ ENCODED_RECIPIENTS = {
 def test_cr_lf_never_reach_the_upstream_inside_an_address_or_parameter(start_greyd, upstream,
                                                                       tap):
     g = start_greyd(tap.port, server={"max_errors": 100})
-    whitelist(g)
+    g.whitelist()
     with client(g) as c:
         for sender, expected in ENCODED_SENDERS.items():
             assert c.cmd(f"MAIL FROM:<{sender}>") == expected, sender
@@ -430,7 +421,7 @@ def schema(path) -> list[tuple]:
 def test_sql_metacharacters_are_stored_verbatim_and_harm_nothing(start_greyd, upstream, tap,
                                                                 clock, tmp_path):
     g = start_greyd(tap.port)
-    whitelist(g, "sender", "friend@example.com")
+    g.whitelist("sender", "friend@example.com")
     with client(g) as c:                       # a bystander's triplet, before the attack
         assert c.cmd(f"MAIL FROM:<{SENDER}>") == R(replies.SENDER_OK)
         assert c.cmd(f"RCPT TO:<{RECIPIENT}>") == R(replies.greylisted(300))
@@ -550,7 +541,7 @@ REFUSED_IN_TRANSACTION = [
 
 def test_log_lines_cannot_be_split_or_forged(start_greyd, upstream, logs):
     g = start_greyd(upstream.port, server={"max_errors": 100})
-    whitelist(g, "recipient", FORGING_RECIPIENTS[-1])
+    g.whitelist("recipient", FORGING_RECIPIENTS[-1])
     with g.raw() as c:
         for payload, codes in REFUSED:
             c.send(payload)
@@ -750,7 +741,7 @@ def test_no_recipient_form_relays_to_a_foreign_domain(start_greyd, upstream, tap
                             ("recipient", "@evil.example"), ("recipient", "victim@"),
                             ("recipient", "postmaster@evil.example"),
                             ("recipient", "@[127.0.0.1]"), ("hostname", "/.*/")]:
-            whitelist(g, kind, value)
+            g.whitelist(kind, value)
     with client(g) as c:
         results = try_recipients(c, PATHS)
         assert c.cmd("QUIT")[0] == 221
@@ -781,7 +772,7 @@ def test_relay_positive_controls(start_greyd, upstream, tap):
         assert c.cmd("RCPT TO:<user@localhost>") == R(replies.greylisted(300))
         assert c.cmd(f"RCPT TO:<victim@{FOREIGN}>") == R(replies.RELAY_DENIED)
         assert upstream.transactions == []
-        whitelist(g)                                 # takes effect at the next RCPT
+        g.whitelist()                                 # takes effect at the next RCPT
         assert c.cmd("RCPT TO:<user@localhost>") == RCPT_OK
         assert c.cmd(f"RCPT TO:<victim@{FOREIGN}>") == R(replies.RELAY_DENIED)
     assert [(t.mail_from, t.rcpts) for t in upstream.transactions] == [
@@ -829,18 +820,15 @@ RECIPIENTS = st.one_of(
     st.text(max_size=40))
 
 
-class TrustsEverything:
-    """Facts for policy.decide that whitelist anything: the relay check must still hold."""
-
-    def whitelist(self):
-        return policy.Whitelist.build([policy.Entry("client", "0.0.0.0/0"),
-                                       policy.Entry("hostname", "/.*/")])
-
-    def auto_entry(self, network):
-        return policy.AutoEntry(count=1000, last_seen=0)
-
-    def seen(self, triplet):
-        return policy.Seen(first=0, last=0, passed=0)
+def trusting_everything(request: policy.Request, rules: policy.Rules) -> MemoryFacts:
+    """Facts for policy.decide that let anything through: the client's network and
+    hostname whitelisted and auto-whitelisted, its triplet passed long ago. The relay
+    check must still hold."""
+    network, triplet = policy.keys(request, rules)
+    return MemoryFacts(entries=[policy.Entry("client", "0.0.0.0/0"),
+                                policy.Entry("hostname", "/.*/")],
+                       networks={network: policy.AutoEntry(count=1000, last_seen=0)},
+                       triplets={triplet: policy.Seen(first=0, last=0, passed=0)})
 
 
 @settings(max_examples=3000, deadline=None, derandomize=True, database=None,
@@ -857,6 +845,7 @@ def test_relay_allowed_only_when_every_reading_is_relayed(recipient):
         rules = policy.Rules(relay_domains=PATTERNS, relay_clients=())
         request = policy.Request("203.0.113.9", SENDER, recipient, client_name="mx.example.com",
                                  dnswl="list.dnswl.example")
-        assert policy.decide(request, rules, TrustsEverything(), 0).action == policy.REJECT
+        facts = trusting_everything(request, rules)
+        assert policy.decide(request, rules, facts, 0).action == policy.REJECT
         for on_store_error in ("accept", "tempfail"):
             assert policy.without_store(request, rules, on_store_error).action == policy.REJECT

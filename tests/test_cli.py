@@ -10,9 +10,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from daemon import greyd
 from greyd import __version__
 from greyd.cli import cli
-from test_daemon import greyd
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import toml
 from greyd import config, values
 from greyd.config import Config, ConfigError
 
@@ -37,22 +38,6 @@ def error_of(tmp_path: Path, text: str) -> str:
     message = str(caught.value)
     assert "\n" not in message and "\r" not in message
     return message
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    return json.dumps(value)
-
-
-def to_toml(settings: dict) -> str:
-    lines = []
-    for section, table in settings.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items())
-    return "\n".join(lines) + "\n"
 
 
 # --- defaults and the sample file ---------------------------------------------------------
@@ -593,7 +578,7 @@ dnsbl = ["zen.spamhaus.org"]
 [log]
 file = ""
 """)
-    copy = write(tmp_path / "copy" / "greyd.toml", to_toml(original.as_dict()))
+    copy = write(tmp_path / "copy" / "greyd.toml", toml(original.as_dict()))
     again = config.load(copy)
     assert again.as_dict() == original.as_dict()
     assert dataclasses.replace(again, root=original.root, source=original.source) == original

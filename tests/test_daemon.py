@@ -1,7 +1,7 @@
 """The real `greyd` command in a subprocess: start, serve, explain, stop.
 
 These tests run greyd as an administrator would, against a real aiosmtpd
-upstream, with a short (1 s) greylisting delay instead of the real one.
+upstream, with a short greylisting delay (daemon.DELAY) instead of the real one.
 """
 
 from __future__ import annotations
@@ -10,96 +10,18 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import signal
-import smtplib
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import write_config
+from conftest import until
+from daemon import DELAY, ROOT, UNPRIVILEGED, Foreground, config_for, greyd, threads, wait_listening
 from greyd.server import IDLE_TIMEOUT
+from smtpclient import deliver
 from upstream import free_port
 
 pytestmark = pytest.mark.timeout(60)
-
-GREYD = shutil.which("greyd", path=os.path.dirname(sys.executable)) or "greyd"
-ROOT = os.geteuid() == 0
-# As root, drop the capabilities that would hide permission errors.
-DELAY = 3   # seconds: short, yet long enough that an early retry is early on a busy machine
-UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-net_bind_service", "--"]
-
-
-def greyd(*args: str, config: Path | None = None, prefix: list[str] = (), **kwargs):
-    """Run `greyd [-c config] args...` to completion."""
-    command = [*prefix, GREYD, *(["-c", str(config)] if config else []), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30, **kwargs)
-
-
-def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=1) as sock:
-                sock.settimeout(2)
-                assert sock.recv(100).startswith(b"220 ")
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-class Foreground:
-    """`greyd start --foreground` in a subprocess, stopped with SIGTERM at the end."""
-
-    def __init__(self, config: Path, *extra: str, prefix: list[str] = ()):
-        # A file, not a pipe: a chatty daemon must never block on a full pipe.
-        self._log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([*prefix, GREYD, "-c", str(config), "start", "--foreground",
-                                      *extra],
-                                     stdout=subprocess.DEVNULL, stderr=self._log, text=True)
-        self.stderr = ""
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.seek(0)
-        self.stderr = self._log.read()
-        return self.proc.returncode
-
-    def __enter__(self) -> "Foreground":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def config_for(tmp_path: Path, upstream_port: int, port: int, **overrides) -> Path:
-    overrides.setdefault("greylist", {})
-    overrides["greylist"] = {"delay": DELAY, **overrides["greylist"]}
-    overrides["server"] = {"listen": [f"127.0.0.1:{port}"], **overrides.get("server", {})}
-    return write_config(tmp_path, upstream_port, **overrides)
-
-
-def deliver(port: int, sender: str, recipient: str, body: bytes = b"") -> tuple:
-    """One transaction; the RCPT reply, and the DATA reply when the RCPT passed."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        client.ehlo("mail.example.net")
-        client.mail(sender)
-        rcpt = client.rcpt(recipient)
-        data = client.data(body) if rcpt[0] == 250 else None
-    return rcpt, data
 
 
 def test_the_end_to_end_story(tmp_path, upstream, port):
@@ -175,22 +97,12 @@ def test_serves_ipv4_and_ipv6_with_a_thread_per_client(tmp_path, upstream, port)
                 client.settimeout(5)
             for client in clients[total - 6:]:
                 assert client.recv(100).startswith(b"220 mx.greyd.test ESMTP greyd")
-            assert settles(pid, lambda n: n >= 1 + total + listeners)
+            assert until(lambda: threads(pid) >= 1 + total + listeners, 5)
         for client in clients:
             client.close()
         # the main thread, the log and store writers, one thread in accept() per listener
-        assert settles(pid, lambda n: n == 3 + listeners, timeout=4 * IDLE_TIMEOUT + 5)
+        assert until(lambda: threads(pid) == 3 + listeners, 4 * IDLE_TIMEOUT + 5)
         assert daemon.stop() == 0
-
-
-def settles(pid: int, wanted, timeout: float = 5) -> bool:
-    """True once the number of threads the process runs is `wanted`."""
-    deadline = time.monotonic() + timeout
-    while not wanted(len(os.listdir(f"/proc/{pid}/task"))):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_a_busy_port_is_one_line_and_exit_1(tmp_path, upstream, port):

@@ -26,7 +26,6 @@ import select
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -40,8 +39,9 @@ from greyd import replies
 from greyd.policy import Triplet
 from greyd.pool import StorePool
 from greyd.store import Store
+from conftest import until
+from daemon import ROOT, UNPRIVILEGED, Foreground, config_for, wait_listening
 from smtpclient import Raw
-from test_daemon import GREYD, ROOT, UNPRIVILEGED, Foreground, config_for, wait_listening
 from upstream import Upstream, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -256,11 +256,10 @@ class Client:
                 self.upstream.pause()
             try:
                 raw.send(f"RCPT TO:<{recipient}>\r\n".encode())
-                deadline = time.monotonic() + CLIENT_TIMEOUT
                 # Hold the lock until greyd's connection (if any) is accepted, or the reply is here.
-                while not readable(raw.sock) and (unlisten or not taken.is_set()):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{txn.token}: no reply to RCPT")
+                if not until(lambda: readable(raw.sock) or (not unlisten and taken.is_set()),
+                             CLIENT_TIMEOUT, step=0):
+                    raise TimeoutError(f"{txn.token}: no reply to RCPT")
             finally:
                 self.upstream.disarm()
                 if unlisten:
@@ -438,18 +437,6 @@ db.execute("ROLLBACK")
 """
 
 
-class Unprivileged(Foreground):
-    """test_daemon's Foreground, but as a root without the DAC override, so that a
-    file made read-only is read-only to greyd too."""
-
-    def __init__(self, config: Path):
-        self._log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
-            [*(UNPRIVILEGED if ROOT else []), GREYD, "-c", str(config), "start", "--foreground"],
-            stdout=subprocess.DEVNULL, stderr=self._log, text=True)
-        self.stderr = ""
-
-
 def companions(db: Path) -> list[Path]:
     return [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
 
@@ -573,15 +560,9 @@ def deliver_at_once(port: int, sessions) -> list:
     return results
 
 
-def wait_until(condition, timeout: float = 30.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not come true"
-        time.sleep(0.02)
-
-
 def wait_for_line(logfile: Path, text: str) -> None:
-    wait_until(lambda: logfile.exists() and text in logfile.read_text(), what=f"{text!r} logged")
+    assert until(lambda: logfile.exists() and text in logfile.read_text(), 30), \
+        f"{text!r} was never logged"
 
 
 def take_backup(db: Path, backup: Path) -> None:
@@ -629,13 +610,15 @@ def test_a_broken_store_gets_on_store_error_once_and_heals(tmp_path, mode, fault
         config = config_for(tmp_path, upstream.port, port, database={"path": str(db)},
                             greylist={"delay": "1h", "on_store_error": mode},
                             log={"file": str(logfile)})
-        with Unprivileged(config) as daemon:
+        # As root without the DAC override, so that a file made read-only is read-only to greyd.
+        with Foreground(config, prefix=UNPRIVILEGED if ROOT else []) as daemon:
             wait_listening(port)
             before, _ = deliver(port, "before", ["before@localhost"])
-            wait_until(lambda: "before" in recipients_in(db))   # committed by greyd's writer
+            # committed by greyd's writer
+            assert until(lambda: "before" in recipients_in(db), 30), "before was never stored"
             take_backup(db, db.with_name("backup.db"))
             between, _ = deliver(port, "between", ["between@localhost"])
-            wait_until(lambda: "between" in recipients_in(db))
+            assert until(lambda: "between" in recipients_in(db), 30), "between was never stored"
             fault.start(db)
             try:
                 if getattr(fault, "reads", False):

@@ -12,7 +12,6 @@ tests/faulty_greyd.py, and read the daemon's own log file.
 
 from __future__ import annotations
 
-import os
 import re
 import smtplib
 import socket
@@ -24,15 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_config
+from conftest import until, write_config
 from greyd import config as configuration, log, replies
 from greyd.channel import Channel
 from greyd.dialogue import Dialogue
 from greyd.greylist import Greylister
 from greyd.relay import Relay
 from greyd.smtp import Context, Session
-from smtpclient import Raw
-from test_daemon import greyd, wait_listening
+from daemon import descriptors, greyd, threads, wait_listening
+from smtpclient import R, Raw
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,10 +44,6 @@ FAULTY_GREYD = Path(__file__).with_name("faulty_greyd.py")
 
 class PlantedFault(Exception):
     """The one fault a test plants."""
-
-
-def R(reply) -> tuple[int, str]:
-    return reply.code, reply.text
 
 
 class FailingLookup:
@@ -210,8 +205,8 @@ def test_a_fault_while_reading_the_message_is_421_and_a_close(tmp_path, upstream
     talk = Conversation(tmp_path, upstream, TRUSTED, expect=raising_expect)
     client = talk.client
     transaction(client)
-    assert client.cmd("DATA")[0] == 354
-    client.send(MESSAGE)
+    client.send(b"DATA\r\n" + MESSAGE)          # all sent before greyd can hang up
+    assert client.reply()[0] == 354
     assert client.reply() == R(replies.LOCAL_ERROR_CLOSING)
     assert hung_up(client)
     talk.finish()
@@ -268,15 +263,13 @@ def faulty_message(port: int, plant: bool) -> tuple[int, bytes]:
             return refused.smtp_code, refused.smtp_error
 
 
-def threads_and_descriptors(pid: int) -> tuple[int, int]:
-    return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+def census(pid: int, database: Path) -> dict[str, int]:
+    """The daemon's threads and open descriptors (by kind)."""
+    return {"threads": threads(pid), **descriptors(pid, str(database))}
 
 
-def settled(pid: int, wanted: tuple[int, int], timeout: float = 15) -> tuple[int, int]:
-    deadline = time.monotonic() + timeout
-    while (now := threads_and_descriptors(pid)) > wanted and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return now
+def within(now: dict[str, int], before: dict[str, int]) -> bool:
+    return all(now[kind] <= before[kind] for kind in before)
 
 
 def test_a_detached_daemon_logs_the_traceback_to_its_file_and_serves_on(
@@ -290,18 +283,22 @@ def test_a_detached_daemon_logs_the_traceback_to_its_file_and_serves_on(
                              capture_output=True, text=True, timeout=30)
     assert started.returncode == 0, started.stderr
     pid = int((tmp_path / "var/greyd.pid").read_text())
+    database = tmp_path / "var/greyd.db"
     try:
         wait_listening(port)
         assert faulty_message(port, plant=False)[0] == 250
-        before = settled(pid, (0, 0), timeout=3)     # after one whole session
+        # after one whole session, once its thread waits in accept() again
+        time.sleep(0.5)
+        before = census(pid, database)
         replies_seen = [faulty_message(port, plant=True) for _ in range(5)]
         assert faulty_message(port, plant=False)[0] == 250
-        after = settled(pid, before)
+        settled = until(lambda: within(census(pid, database), before), 15)
+        after = census(pid, database)
     finally:
         stopped = greyd("stop", config=config)
     assert stopped.returncode == 0, stopped.stderr
     assert replies_seen == [(451, replies.LOCAL_ERROR.text.encode())] * 5
-    assert after <= before, (before, after)          # no thread, no descriptor left over
+    assert settled, (before, after)          # no thread, no descriptor left over
     assert len(upstream.messages) == 2
     log = logfile.read_text()
     assert log.count("ERROR session error ") == 5

@@ -12,16 +12,10 @@ pytestmark = pytest.mark.timeout(30)
 BODY = b"Subject: lockstep\r\n\r\nOne message.\r\n"
 
 
-def trusted(g) -> None:
-    """Whitelist the test client so its recipients go straight to the upstream."""
-    with g.store() as store:
-        store.add_whitelist("client", "127.0.0.1/32")
-
-
 def test_one_recipient_refused_upstream_the_other_delivered(start_greyd):
     with Upstream(reject={"ghost@localhost": (550, "5.1.1 <ghost@localhost>: no such user")}) as up:
         g = start_greyd(up.port)
-        trusted(g)
+        g.whitelist()              # the test client: straight to the upstream
         client = g.smtp()
         assert client.mail("alice@example.net") == (250, replies.SENDER_OK.text.encode())
         assert client.rcpt("ghost@localhost") == (550, b"5.1.1 <ghost@localhost>: no such user")
@@ -37,7 +31,7 @@ def test_one_recipient_refused_upstream_the_other_delivered(start_greyd):
 def test_the_upstream_learns_the_real_client_through_xclient(start_greyd):
     with Upstream(xclient=True) as up:
         g = start_greyd(up.port)
-        trusted(g)
+        g.whitelist()
         client = g.smtp()
         client.mail("alice@example.net")
         assert client.rcpt("bob@localhost")[0] == 250
@@ -52,7 +46,7 @@ def test_the_upstream_learns_the_real_client_through_xclient(start_greyd):
 def test_the_upstream_refusing_the_message_is_what_the_client_hears(start_greyd):
     with Upstream(data_reply=(554, "5.7.1 message content rejected")) as up:
         g = start_greyd(up.port)
-        trusted(g)
+        g.whitelist()
         client = g.smtp()
         client.mail("alice@example.net")
         client.rcpt("bob@localhost")
@@ -62,7 +56,7 @@ def test_the_upstream_refusing_the_message_is_what_the_client_hears(start_greyd)
 
 
 def test_rset_and_quit_are_mirrored_upstream(greyd, upstream):
-    trusted(greyd)
+    greyd.whitelist()
     client = greyd.smtp()
     client.mail("alice@example.net")
     client.rcpt("bob@localhost")
@@ -80,7 +74,7 @@ def test_rset_and_quit_are_mirrored_upstream(greyd, upstream):
 
 def test_unreachable_upstream_is_451_4_4_1_at_rcpt(start_greyd):
     g = start_greyd(dead_port())
-    trusted(g)
+    g.whitelist()
     client = g.smtp()
     client.mail("alice@example.net")
     assert client.rcpt("bob@localhost") == (451, replies.UPSTREAM_AT_RCPT.text.encode())
@@ -91,7 +85,7 @@ def test_unreachable_upstream_is_451_4_4_1_at_rcpt(start_greyd):
 def test_a_silent_upstream_times_out_into_451_4_4_1(start_greyd):
     with SilentServer() as silent:
         g = start_greyd(silent.port, upstream={"timeout": 1})
-        trusted(g)
+        g.whitelist()
         client = g.smtp()
         client.mail("alice@example.net")
         assert client.rcpt("bob@localhost") == (451, replies.UPSTREAM_AT_RCPT.text.encode())
@@ -101,7 +95,7 @@ def test_a_silent_upstream_times_out_into_451_4_4_1(start_greyd):
 def test_an_upstream_dropping_mid_data_is_451_4_4_2_never_250(start_greyd):
     with DroppingServer() as dropping:
         g = start_greyd(dropping.port)
-        trusted(g)
+        g.whitelist()
         client = g.smtp()
         client.mail("alice@example.net")
         assert client.rcpt("bob@localhost")[0] == 250

@@ -14,7 +14,6 @@ import json
 import os
 import pty
 import re
-import signal
 import smtplib
 import sqlite3
 import subprocess
@@ -27,7 +26,8 @@ import pytest
 from conftest import write_config
 from greyd import maintenance
 from greyd.store import Store
-from test_daemon import GREYD, config_for, deliver, greyd, wait_listening
+from daemon import GREYD, Foreground, config_for, greyd, wait_listening
+from smtpclient import deliver
 from upstream import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -439,31 +439,6 @@ def test_progress_bar_on_a_terminal_for_a_large_store(tmp_path):
 
 # -- the concurrency promise: cleanup while the daemon serves ----------------------------
 
-class Daemon:
-    """`greyd start --foreground`, its log to a file (a pipe would fill and stall it)."""
-
-    def __init__(self, config: Path, log: Path):
-        self.log = log
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen([GREYD, "-c", str(config), "start", "--foreground"],
-                                         stdout=subprocess.DEVNULL, stderr=out)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def __enter__(self) -> "Daemon":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 class Client(threading.Thread):
     """Delivers until told to stop: a new triplet (greylisted) and a whitelisted
     recipient (relayed) per transaction; keeps every reply and how long RCPT took."""
@@ -514,7 +489,7 @@ def test_cleanup_while_the_daemon_serves_mail_gives_no_client_an_error(tmp_path,
         store.add_whitelist("recipient", "vip@localhost", "load test", now=now)
         path = store.path
 
-    with Daemon(config, tmp_path / "daemon.log") as daemon:
+    with Foreground(config) as daemon:
         wait_listening(port)
         stop = threading.Event()
         clients = [Client(number, port, stop) for number in range(20)]
@@ -531,7 +506,6 @@ def test_cleanup_while_the_daemon_serves_mail_gives_no_client_an_error(tmp_path,
         for client in clients:
             client.join(30)
         assert daemon.stop() == 0
-    log = (tmp_path / "daemon.log").read_text()
 
     assert cleaner.returncode == 0, cleaner.stderr
     assert cleaner.stdout.splitlines()[:2] == [
@@ -548,7 +522,7 @@ def test_cleanup_while_the_daemon_serves_mail_gives_no_client_an_error(tmp_path,
             assert code == 250, (code, text)
         else:
             assert code == 451 and text.startswith(b"4.7.1 Greylisted"), (what, code, text)
-    assert "store failure" not in log
+    assert "store failure" not in daemon.stderr
 
     greylisted = {what for _, what, code, _, _ in replies if code == 451}
     with Store(path) as store:
@@ -591,7 +565,7 @@ def test_stats_counts_decisions_triplets_and_whitelists(tmp_path, upstream):
             store.add_whitelist(kind, value, now=now)
         store.add_whitelist("recipient", "old@localhost", expires=now - 10, now=now - DAY)
 
-    with Daemon(config, tmp_path / "daemon.log") as daemon:
+    with Foreground(config) as daemon:
         wait_listening(port)
         outcomes = [
             deliver(port, "alice@example.net", "bob@localhost")[0][0],        # new

@@ -14,12 +14,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from test_daemon import GREYD, Foreground, config_for, deliver, greyd, wait_listening
+from conftest import until
+from daemon import GREYD, Foreground, config_for, greyd, wait_listening
+from smtpclient import deliver
 
 pytestmark = pytest.mark.timeout(90)
 ETC = Path(__file__).resolve().parent.parent / "etc"
@@ -110,10 +111,8 @@ def test_reload_rereads_the_config_for_new_sessions_only(tmp_path, upstream, por
         config.write_text(text)
         reloaded = greyd("reload", config=config)
         assert reloaded.returncode == 0, reloaded.stderr
-        deadline = time.monotonic() + 10
-        while deliver(port, "a@example.net", "b@new.example")[0][0] != 451:
-            assert time.monotonic() < deadline, "reload did not take effect"
-            time.sleep(0.1)
+        assert until(lambda: deliver(port, "a@example.net", "b@new.example")[0][0] == 451,
+                     10, step=0.1), "reload did not take effect"
 
         early.sendall(b"EHLO old.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@new.example>\r\n")
         replies = [early_file.readline() for _ in range(7)]   # EHLO (5 lines), MAIL, RCPT
@@ -140,10 +139,8 @@ def test_a_detached_daemon_reloads_the_config_it_found_at_start(tmp_path, upstre
         config.write_text(config.read_text().replace(
             'domains = ["localhost", "example.org"]', 'domains = ["new.example"]'))
         assert greyd("reload", **run).returncode == 0
-        deadline = time.monotonic() + 10
-        while deliver(port, "a@example.net", "b@new.example")[0][0] != 451:
-            assert time.monotonic() < deadline, "reload did not take effect"
-            time.sleep(0.1)
+        assert until(lambda: deliver(port, "a@example.net", "b@new.example")[0][0] == 451,
+                     10, step=0.1), "reload did not take effect"
     finally:
         assert greyd("stop", **run).returncode == 0
     assert "reloaded config=" + str(config) in (tmp_path / "var/log/greyd.log").read_text()
@@ -155,10 +152,7 @@ def test_reload_reopens_the_log_file(detached, tmp_path, port):
     deliver(port, "a@example.net", "b@localhost")
     logfile.rename(logfile.with_suffix(".log.1"))
     assert greyd("reload", config=detached).returncode == 0
-    deadline = time.monotonic() + 10
-    while not logfile.exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert until(logfile.exists, 10), "greyd did not reopen its log"
     deliver(port, "c@example.net", "d@localhost")
     assert greyd("stop", config=detached).returncode == 0
     assert "from=c@example.net" in logfile.read_text()
@@ -221,17 +215,13 @@ def test_logrotate_rotates_and_greyd_writes_to_the_new_file(detached, tmp_path, 
     conf.write_text(rules)
     assert greyd("start", config=detached).returncode == 0
     deliver(port, "before@example.net", "b@localhost")
-    deadline = time.monotonic() + 10          # log lines are written a moment later, in batches
-    while "from=before@example.net" not in logfile.read_text():
-        assert time.monotonic() < deadline, "the decision was never logged"
-        time.sleep(0.05)
+    # log lines are written a moment later, in batches
+    assert until(lambda: "from=before@example.net" in logfile.read_text(), 10), \
+        "the decision was never logged"
     rotate = subprocess.run(["logrotate", "--force", "--state", str(tmp_path / "lr.state"), str(conf)],
                             capture_output=True, text=True, timeout=60)
     assert rotate.returncode == 0, rotate.stderr
-    deadline = time.monotonic() + 10
-    while not logfile.exists():
-        assert time.monotonic() < deadline, "greyd did not reopen its log"
-        time.sleep(0.05)
+    assert until(logfile.exists, 10), "greyd did not reopen its log"
     deliver(port, "after@example.net", "b@localhost")
     assert greyd("stop", config=detached).returncode == 0
     assert "from=after@example.net" in logfile.read_text()

@@ -1,6 +1,6 @@
 """Connection pressure on the real daemon (SPEC §2 limits, §9 promises).
 
-greyd runs as `greyd start --foreground` in a subprocess (test_daemon's
+greyd runs as `greyd start --foreground` in a subprocess (tests/daemon.py's
 `Foreground`) so that its threads and descriptors can be counted in
 /proc/<pid>: the connection limits, a flood of 1,000 idle and dribbling
 connections beside a well-behaved client, the per-command and per-line
@@ -12,58 +12,28 @@ per-client limit from the total one; 127.0.0.200 is a trusted client
 
 from __future__ import annotations
 
-import os
 import resource
 import select
 import signal
-import smtplib
 import socket
 import threading
 import time
 
 import pytest
 
-from conftest import until
+from conftest import greeted, until
+from daemon import BASE_THREADS, Foreground, config_for, descriptors, threads, wait_listening
 from greyd import replies
-from greyd.replies import Reply
 from greyd.server import GRACE
-from smtpclient import Raw
-from test_daemon import Foreground, config_for, wait_listening
+from smtpclient import R, Raw, deliver, greetings
 
 pytestmark = pytest.mark.timeout(120)
 
 TRUSTED = "127.0.0.200"               # in relay.clients below: never greylisted
 HOST = "mx.greyd.test"                # server.hostname in conftest's base config
-BASE_THREADS = 4                      # main, log and store writers, one thread in accept()
-
-
-def R(reply: Reply) -> tuple[int, str]:
-    """A reply constant as Raw.reply() returns it: (code, text)."""
-    return reply.code, reply.text
 
 
 # -- /proc --------------------------------------------------------------------------------------
-
-def threads(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
-
-
-def descriptors(pid: int, database: str) -> dict[str, int]:
-    """The process's open descriptors by kind: sockets, database files, the rest."""
-    kinds = {"socket": 0, "database": 0, "other": 0}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:              # closed while we looked
-            continue
-        if target.startswith("socket:"):
-            kinds["socket"] += 1
-        elif target.startswith(database):
-            kinds["database"] += 1
-        else:
-            kinds["other"] += 1
-    return kinds
-
 
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
@@ -71,12 +41,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def settled(pid: int, timeout: float = 10) -> int:
-    """Wait until only the base threads run (sessions of earlier probes ended); the count."""
-    until(lambda: threads(pid) == BASE_THREADS, timeout)
-    return threads(pid)
 
 
 # -- clients ------------------------------------------------------------------------------------
@@ -125,34 +89,12 @@ def parse_reply(data: bytes) -> tuple[int, str]:
     return (int(line[:3]), line[4:]) if line[:3].isdigit() else (0, line)
 
 
-def transaction(port: int, sender: str, body: bytes, source: str = TRUSTED):
-    """One whole transaction from `source`: the RCPT and DATA replies."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(source, 0)) as client:
-        client.ehlo("good.example.net")
-        client.mail(sender)
-        rcpt = client.rcpt("bob@localhost")
-        data = client.data(body) if rcpt[0] == 250 else None
-    return rcpt, data
-
-
 def pressure_config(tmp_path, upstream_port: int, port: int, **server):
     return config_for(tmp_path, upstream_port, port, server=server,
                       relay={"domains": ["localhost"], "clients": [f"{TRUSTED}/32"]})
 
 
 # -- the connection limits ----------------------------------------------------------------------
-
-def admitted_again(port: int, source: str, timeout: float = 5) -> Raw | None:
-    """The first connection from `source` greeted with 220 within `timeout`, else None."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        probe = Raw(port, source=source, timeout=5)
-        if probe.greeting[0] == 220:
-            return probe
-        probe.close()
-        time.sleep(0.05)
-    return None
-
 
 def test_connection_limits_total_and_per_client(tmp_path, upstream, port):
     config = pressure_config(tmp_path, upstream.port, port,
@@ -162,7 +104,7 @@ def test_connection_limits_total_and_per_client(tmp_path, upstream, port):
     with Foreground(config) as daemon:
         wait_listening(port)
         pid = daemon.proc.pid
-        assert settled(pid) == BASE_THREADS
+        assert until(lambda: threads(pid) == BASE_THREADS, 10), threads(pid)
         try:
             opened += [Raw(port, source="127.0.0.2") for _ in range(2)]
             assert [c.greeting for c in opened] == [greeting] * 2
@@ -181,7 +123,7 @@ def test_connection_limits_total_and_per_client(tmp_path, upstream, port):
                 assert c.cmd("NOOP") == R(replies.OK)
 
             opened.pop(2).close()                                  # one of 127.0.0.3 leaves
-            newcomer = admitted_again(port, "127.0.0.5")
+            newcomer = greeted(port, source="127.0.0.5")
             assert newcomer is not None, "a slot freed by a closed session was not reused"
             opened.append(newcomer)
             with Raw(port, source="127.0.0.6") as seventh:
@@ -190,12 +132,7 @@ def test_connection_limits_total_and_per_client(tmp_path, upstream, port):
             for c in opened:
                 c.close()
         assert until(lambda: threads(pid) == BASE_THREADS, 10)
-        again = [Raw(port, source="127.0.0.2") for _ in range(2)]   # both slots free again
-        try:
-            assert [c.greeting for c in again] == [greeting] * 2
-        finally:
-            for c in again:
-                c.close()
+        assert greetings(port, 2, source="127.0.0.2") == [greeting] * 2   # both slots free again
         assert daemon.stop() == 0
     refused = [line for line in daemon.stderr.splitlines() if "connection refused" in line]
     assert len(refused) >= 4
@@ -244,8 +181,8 @@ def test_a_thousand_connections_do_not_stop_a_good_client(tmp_path, upstream, po
         wait_listening(port)
         pid = daemon.proc.pid
         # A first transaction opens the store's pooled connection, part of the baseline.
-        assert transaction(port, "warm@example.net", body)[1][0] == 250
-        assert settled(pid) == BASE_THREADS
+        assert deliver(port, "warm@example.net", "bob@localhost", body, source=TRUSTED)[1][0] == 250
+        assert until(lambda: threads(pid) == BASE_THREADS, 10), threads(pid)
         base_fds = descriptors(pid, database)
         rss_before = rss_kib(pid)
 
@@ -255,8 +192,8 @@ def test_a_thousand_connections_do_not_stop_a_good_client(tmp_path, upstream, po
         try:
             for i in range(FLOOD):
                 flood.append(Raw(port, source=f"127.0.0.{2 + i // PER_SOURCE}", timeout=10))
-            greetings = [c.greeting[0] for c in flood]
-            assert greetings.count(220) == FLOOD, f"not admitted: {FLOOD - greetings.count(220)}"
+            codes = [c.greeting[0] for c in flood]
+            assert codes.count(220) == FLOOD, f"not admitted: {FLOOD - codes.count(220)}"
             assert until(lambda: threads(pid) == BASE_THREADS + FLOOD, 10), threads(pid)
             rss_with = rss_kib(pid)
             with Raw(port, source="127.0.0.2") as extra:      # the per-client limit still holds
@@ -270,7 +207,7 @@ def test_a_thousand_connections_do_not_stop_a_good_client(tmp_path, upstream, po
             time.sleep(2)                    # the slow ones are dribbling by now
 
             started = time.monotonic()
-            rcpt, data = transaction(port, "good@example.net", body)
+            rcpt, data = deliver(port, "good@example.net", "bob@localhost", body, source=TRUSTED)
             took = time.monotonic() - started
             assert rcpt == (250, b"2.1.5 OK") and data == (250, b"2.0.0 OK queued")
             good = upstream.wait_for(2)[-1]
@@ -297,13 +234,10 @@ def test_a_thousand_connections_do_not_stop_a_good_client(tmp_path, upstream, po
         assert until(lambda: threads(pid) == BASE_THREADS, 20), threads(pid)
         assert until(lambda: descriptors(pid, database) == base_fds, 10), \
             (descriptors(pid, database), base_fds)
-        assert transaction(port, "after@example.net", body)[1][0] == 250
-        again = [Raw(port, source="127.0.0.2") for _ in range(PER_SOURCE)]   # no slot leaked
-        try:
-            assert [c.greeting[0] for c in again] == [220] * PER_SOURCE
-        finally:
-            for c in again:
-                c.close()
+        after = deliver(port, "after@example.net", "bob@localhost", body, source=TRUSTED)
+        assert after[1][0] == 250
+        again = greetings(port, PER_SOURCE, source="127.0.0.2")
+        assert [code for code, _ in again] == [220] * PER_SOURCE           # no slot leaked
         assert daemon.stop() == 0
 
 
@@ -321,8 +255,9 @@ def test_idle_and_dribbling_clients_meet_their_deadlines(tmp_path, upstream, por
     with Foreground(config) as daemon:
         wait_listening(port)
         pid = daemon.proc.pid
-        assert transaction(port, "warm@example.net", b"warm\r\n")[1][0] == 250  # pools a store
-        assert settled(pid) == BASE_THREADS
+        warm = deliver(port, "warm@example.net", "bob@localhost", b"warm\r\n", source=TRUSTED)
+        assert warm[1][0] == 250                                      # pools a store connection
+        assert until(lambda: threads(pid) == BASE_THREADS, 10), threads(pid)
         base_fds = descriptors(pid, database)
 
         with Raw(port, timeout=10) as idle:

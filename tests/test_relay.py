@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from faultyupstream import Fault, FaultyUpstream
 from greyd import replies
 from greyd.relay import Relay, xtext
 from greyd.replies import Reply
@@ -198,12 +199,26 @@ def test_upstream_hanging_up_during_data():
         relay.quit()
 
 
-def test_upstream_hanging_up_mid_data_records_nothing(upstream, relay):
-    assert relay.mail("alice@example.org").code == 250
-    assert relay.rcpt("bob@localhost").code == 250
-    upstream.drop_connections()
-    assert relay.data(MESSAGE) == replies.UPSTREAM_AT_DATA
-    assert upstream.messages == []
+def test_upstream_hanging_up_mid_data_records_nothing():
+    """The upstream answers DATA with 354, reads 40 octets of the message and hangs
+    up: the client is told 451 4.4.2, and the upstream has no message, not even
+    from a second try on a new connection (which this upstream would accept)."""
+    cut = Fault("message", "drop", at=40, once=True)
+    with FaultyUpstream({"t1": cut}) as faulty:
+        relay = make_relay(faulty.port)
+        assert relay.mail("t1@example.org").code == 250
+        assert relay.rcpt("r1.bob@localhost").code == 250
+        assert relay.data(MESSAGE) == replies.UPSTREAM_AT_DATA
+        assert not relay.in_transaction
+        assert faulty.partial == {"t1": MESSAGE[:40]}         # hung up mid-message
+        assert faulty.messages == [] and faulty.connections == 1
+        # The same transaction, tried again by the client, is delivered.
+        again = send(relay, sender="t1@example.org", recipients=["r1.bob@localhost"])
+        assert [r.code for r in again] == [250, 250, 250]
+        relay.quit()
+        [message] = faulty.messages
+        assert (message.sender, message.recipients) == ("t1@example.org", ["r1.bob@localhost"])
+        assert message.data == MESSAGE and faulty.connections == 2
 
 
 def test_data_refusal_at_end_is_passed_through():

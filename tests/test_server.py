@@ -12,11 +12,9 @@ import pytest
 
 from conftest import until, write_config
 from greyd import config as configuration, replies
-from greyd.server import IDLE_TIMEOUT, Daemon
 from greyd.dialogue import STRESS_TIMEOUT
-from greyd.greylist import Greylister
-from greyd.smtp import JUNK_LIMIT, Context
-from smtpclient import Raw
+from greyd.server import IDLE_TIMEOUT
+from greyd.smtp import JUNK_LIMIT
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -47,12 +45,10 @@ def test_sessions_borrow_pooled_connections_instead_of_opening_their_own(greyd):
     assert pending == 1   # digit runs fold: sender0..sender29 are one normalized sender
 
 
-def test_stop_closes_idle_sessions_at_once_and_lets_transactions_finish(tmp_path, upstream):
-    config = configuration.load(write_config(tmp_path, upstream.port))
-    daemon = Daemon(Context(config, Greylister.open(config)), grace=30)
-    daemon.start()
-    port = daemon.addresses[0][1]
-    idle, busy = Raw(port), Raw(port)
+def test_stop_closes_idle_sessions_at_once_and_lets_transactions_finish(start_greyd, upstream):
+    g = start_greyd(upstream.port, grace=30)
+    daemon = g.daemon
+    idle, busy = g.raw(), g.raw()
     assert busy.cmd("EHLO client.example.net")[0] == 250
     assert busy.cmd("MAIL FROM:<a@example.net>") == (250, replies.SENDER_OK.text)
     started = time.monotonic()

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 
 import pytest
 
-from conftest import START, write_config
+from conftest import START, greeted
+from daemon import Foreground, config_for, wait_listening
 from greyd import replies
 from greyd.replies import Reply
-from smtpclient import Raw
-from upstream import DroppingServer, Upstream, dead_port, free_port
+from smtpclient import R, Raw
+from upstream import DroppingServer, Upstream, dead_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -37,11 +35,6 @@ RCPT_OK = (250, "2.1.5 OK")          # the upstream's own replies (tests/upstrea
 QUEUED = (250, "2.0.0 OK queued")
 
 ENHANCED = re.compile(r"\d\.\d{1,3}\.\d{1,3} ")
-
-
-def R(reply: Reply) -> tuple[int, str]:
-    """A reply constant as Raw.cmd() returns it: (code, text)."""
-    return reply.code, reply.text
 
 
 class Client(Raw):
@@ -88,18 +81,11 @@ def connect():
         client.close()
 
 
-def whitelist_client(g) -> None:
-    """Whitelist 127.0.0.1 so its recipients go straight to the upstream."""
-    store = g.store()
-    try:
-        store.add_whitelist("client", "127.0.0.1/32")
-    finally:
-        store.close()
-
-
 def relaying(start_greyd, upstream_port: int, **overrides):
+    """greyd in front of the upstream, the test client whitelisted: its recipients go
+    straight to the upstream."""
     g = start_greyd(upstream_port, **overrides)
-    whitelist_client(g)
+    g.whitelist()
     return g
 
 
@@ -766,45 +752,18 @@ def test_data_end_seen_after_a_line_split_between_cr_and_lf(start_greyd, upstrea
     assert c.cmd("NOOP") == R(replies.OK)
 
 
-def greeted_within(port: int, seconds: float) -> Raw:
-    """The first connection greyd greets with 220 within `seconds`, else its last refusal."""
-    deadline = time.monotonic() + seconds
-    while True:
-        probe = Raw(port, timeout=2)
-        if probe.greeting[0] == 220 or time.monotonic() > deadline:
-            return probe
-        probe.close()
-        time.sleep(0.05)
-
-
-def wait_listening(port: int, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def test_client_leaving_in_an_over_long_line_frees_its_session(tmp_path):
+def test_client_leaving_in_an_over_long_line_frees_its_session(tmp_path, port):
     # In a child process: the spinning thread must not stay in the test process.
-    port = free_port()
-    config = write_config(tmp_path, dead_port(), server={
-        "listen": [f"127.0.0.1:{port}"], "max_connections_per_client": 1})
-    greyd = Path(sys.executable).with_name("greyd")
-    child = subprocess.Popen([str(greyd), "-c", str(config), "start", "--foreground"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_listening(port, 10)
-        with greeted_within(port, 5) as c:
+    config = config_for(tmp_path, dead_port(), port, server={"max_connections_per_client": 1})
+    with Foreground(config):
+        wait_listening(port)
+        c = greeted(port, timeout=5)
+        assert c is not None, "greyd greeted no connection"
+        with c:
             assert c.greeting == R(replies.greeting(HOST, "greyd"))
             assert c.cmd("NOOP") == R(replies.OK)
             c.send(b"NOOP " + b"x" * 1000)           # over 512 octets, no line end, then leave
-        with greeted_within(port, 3) as c:          # the only slot for 127.0.0.1 is free again
+        c = greeted(port, timeout=3)                # the only slot for 127.0.0.1 is free again
+        assert c is not None, "the session's slot was never freed"
+        with c:
             assert c.greeting == R(replies.greeting(HOST, "greyd"))
-    finally:
-        child.kill()
-        child.wait(10)

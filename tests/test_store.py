@@ -1,11 +1,14 @@
 """greyd.store, greyd.pool and greyd.recorder: schema and migrations, the
-queries of a decision, the pool, the writer thread.
+queries of a decision, the pool, the writer thread, and the policy deciding
+on what the store remembers of earlier decisions.
 
-Every test has its own SQLite file in tmp_path; other connections to it are
-plain sqlite3 connections, as the cron cleanup or the CLI would hold.
+Every test has its own SQLite file (conftest's `database` and `store`); other
+connections to it are plain sqlite3 connections, as the cron cleanup or the
+CLI would hold.
 """
 
 import ast
+import dataclasses
 import os
 import sqlite3
 import subprocess
@@ -34,7 +37,7 @@ NET = "198.51.100.0/24"
 TRIPLET = Triplet(NET, "alice@sender.example", "bob@localhost")
 RULES = Rules(relay_clients=())
 
-# The hot-path SELECTs, as store.py sends them.
+# The hot-database SELECTs, as store.py sends them.
 SEEN_SQL = ("SELECT first_seen, last_seen, passed_at FROM triplets"
             " WHERE network = ? AND sender = ? AND recipient = ?")
 AUTO_SQL = "SELECT count, last_seen FROM auto_whitelist WHERE network = ?"
@@ -43,22 +46,9 @@ EARLY_SQL = ("UPDATE triplets SET last_seen = ?"
              " WHERE network = ? AND sender = ? AND recipient = ?")
 
 
-@pytest.fixture
-def path(tmp_path):
-    return tmp_path / "greyd.db"
-
-
-@pytest.fixture
-def store(path):
-    s = Store(path)
-    s.migrate()
-    yield s
-    s.close()
-
-
-def raw(path) -> sqlite3.Connection:
+def raw(database) -> sqlite3.Connection:
     """A separate plain connection to the same file."""
-    return sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    return sqlite3.connect(str(database), isolation_level=None, check_same_thread=False)
 
 
 def verdict(update, action=GREYLIST, reason="new", triplet=TRIPLET, network=NET):
@@ -89,8 +79,8 @@ def tables(conn):
 
 # -- schema ---------------------------------------------------------------------
 
-def test_new_database_is_at_schema_version_in_wal_mode(store, path):
-    conn = raw(path)
+def test_new_database_is_at_schema_version_in_wal_mode(store, database):
+    conn = raw(database)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -103,11 +93,11 @@ def test_busy_timeout_is_set_on_every_store(store):
     assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
 
 
-def test_migrate_twice_is_harmless(store, path):
+def test_migrate_twice_is_harmless(store, database):
     remember(store, verdict(policy.NEW), T)
     store.add_whitelist("client", "192.0.2.1", now=T)
     store.migrate()
-    again = Store(path)
+    again = Store(database)
     try:
         again.migrate()
         assert again.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -118,25 +108,25 @@ def test_migrate_twice_is_harmless(store, path):
         again.close()
 
 
-def test_newer_schema_is_refused(path):
-    conn = raw(path)
+def test_newer_schema_is_refused(database):
+    conn = raw(database)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    s = Store(path)
+    s = Store(database)
     try:
         with pytest.raises(sqlite3.DatabaseError, match="newer"):
             s.migrate()
     finally:
         s.close()
     with pytest.raises(StoreError, match="newer"):
-        StorePool(path).open()
-    conn = raw(path)
+        StorePool(database).open()
+    conn = raw(database)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
     assert "triplets" not in tables(conn)
     conn.close()
 
 
-# -- the hot path is index lookups ------------------------------------------------------
+# -- the hot database is index lookups ------------------------------------------------------
 
 def primary_key_indexes(conn, table):
     return {name for _, name, _, origin, _ in conn.execute(f"PRAGMA index_list({table})")
@@ -268,12 +258,158 @@ def test_decide_and_record_through_the_store(store):
     assert store.seen(TRIPLET) == Seen(T, T + DAY, T + 300)
 
 
+# -- the policy on what the store remembers ------------------------------------------------
+# Each RCPT as a session handles it: decide on the store, then record the verdict. What
+# the store makes of the records (first, last and passed times; the auto-whitelist's
+# count, at most once an hour, forgotten after max_age) is what the next decision reads.
+# The policy alone, on facts given in memory, is test_policy.py.
+
+STRANGER = "198.51.100.7"            # in NET; neither trusted nor whitelisted
+AUTO2 = dataclasses.replace(RULES, auto_whitelist_after=2)
+
+
+def mail_from(sender: str = "alice@sender.example", *, client: str = STRANGER,
+              recipient: str = "bob@localhost", **extra) -> Request:
+    """One recipient of mail from `sender` at a stranger's address."""
+    return Request(client, sender, recipient, **extra)
+
+
+def step(store, req, now, rules=RULES):
+    """One RCPT as the daemon handles it: decide, then record."""
+    verdict = decide(req, rules, store, now)
+    remember(store, verdict, now, rules.max_age)
+    return verdict
+
+
+def pass_triplet(store, req, start, rules=RULES):
+    """Greylist `req` at `start` and let its retry pass `delay` seconds later."""
+    assert step(store, req, start, rules).reason == "new"
+    verdict = step(store, req, start + rules.delay, rules)
+    assert verdict.reason == "passed"
+    return verdict
+
+
+def test_full_life_of_a_triplet(store):
+    req = mail_from()
+    v = step(store, req, T)
+    assert (v.action, v.reason, v.retry_in) == (GREYLIST, "new", 300)
+    assert v.network == NET
+    assert v.triplet == TRIPLET
+    assert store.seen(v.triplet) == Seen(first=T, last=T, passed=None)
+
+    v = step(store, req, T + 100)
+    assert (v.action, v.reason, v.retry_in, v.delayed) == (GREYLIST, "too-early", 200, 100)
+    assert store.seen(v.triplet) == Seen(first=T, last=T + 100, passed=None)
+
+    v = step(store, req, T + 300)
+    assert (v.action, v.reason, v.delayed) == (ACCEPT, "passed", 300)
+    assert store.seen(v.triplet) == Seen(first=T, last=T + 300, passed=T + 300)
+
+    v = step(store, req, T + 10 * DAY)
+    assert (v.action, v.reason) == (ACCEPT, "known")
+    assert store.seen(v.triplet) == Seen(first=T, last=T + 10 * DAY, passed=T + 300)
+
+
+def test_expired_retry_restarts_the_triplet(store):
+    req = mail_from()
+    step(store, req, T)
+    v = step(store, req, T + 2 * DAY + 1)
+    assert (v.action, v.reason, v.retry_in) == (GREYLIST, "expired-retry", 300)
+    assert store.seen(v.triplet) == Seen(first=T + 2 * DAY + 1, last=T + 2 * DAY + 1)
+    v = step(store, req, T + 2 * DAY + 301)
+    assert (v.action, v.reason, v.delayed) == (ACCEPT, "passed", 300)
+
+
+def test_forgotten_triplet_is_greylisted_again(store):
+    req = mail_from()
+    pass_triplet(store, req, T)
+    v = step(store, req, T + 300 + 35 * DAY + 1)
+    assert (v.action, v.reason) == (GREYLIST, "new")
+    assert store.seen(v.triplet).passed is None
+
+
+@pytest.mark.parametrize("entry, overrides, reason", [
+    (None, {"recipient": "victim@elsewhere.example"}, "relay-denied"),
+    (None, {"dnswl": "list.dnswl.example"}, "dnswl:list.dnswl.example"),
+    (("client", "198.51.100.0/24"), {}, "whitelist:198.51.100.0/24"),
+    (("client", "198.51.100.7"), {"client": "::ffff:198.51.100.7"}, "whitelist:198.51.100.7"),
+    (("sender", "@sender.example"), {}, "whitelist:@sender.example"),
+    (("recipient", "bob@"), {}, "whitelist:bob@"),
+    (("hostname", r"/^out-\d+\.mx\.sender\.example$/"),
+     {"client_name": "out-7.mx.sender.example"}, r"whitelist:/^out-\d+\.mx\.sender\.example$/"),
+], ids=["relay-denied", "dnswl", "network", "mapped", "sender", "recipient", "hostname"])
+def test_a_decision_without_a_triplet_writes_none(store, entry, overrides, reason):
+    """Relay-denied, DNSWL-listed, or whitelisted by an entry added through the store."""
+    req = mail_from(**overrides)
+    if entry is not None:
+        assert decide(req, RULES, store, T).action == GREYLIST
+        assert store.add_whitelist(*entry, now=T) is True
+    v = step(store, req, T)
+    assert v.reason == reason and v.triplet is None
+    assert store.conn.execute("SELECT count(*) FROM triplets").fetchone()[0] == 0
+
+
+def test_whitelist_entries_expire_as_stored(store):
+    store.add_whitelist("client", STRANGER, expires=T - 1, now=T - DAY)
+    store.add_whitelist("sender", "alice@sender.example", expires=T, now=T - DAY)
+    v = decide(mail_from(), RULES, store, T)
+    assert (v.action, v.reason) == (GREYLIST, "new")
+    store.add_whitelist("sender", "@sender.example", expires=T + 60, now=T)
+    assert decide(mail_from(), RULES, store, T + 59).reason == "whitelist:@sender.example"
+    assert decide(mail_from(), RULES, store, T + 60).reason == "new"
+
+
+def test_auto_whitelist_after_two_passes_an_hour_apart(store):
+    pass_triplet(store, mail_from("a@sender.example"), T, AUTO2)
+    newcomer = mail_from("c@sender.example")
+    assert decide(newcomer, AUTO2, store, T + 400).reason == "new"
+    pass_triplet(store, mail_from("b@sender.example"), T + HOUR, AUTO2)
+    assert store.auto_entry(NET) == AutoEntry(count=2, last_seen=T + HOUR + 300)
+
+    v = step(store, newcomer, T + HOUR + 400, AUTO2)
+    assert (v.action, v.reason) == (ACCEPT, "auto-whitelist")
+    assert v.update == policy.AUTO and v.triplet is None
+    # its mail creates no new triplets, and keeps the network's entry fresh
+    assert store.seen(Triplet(NET, "c@sender.example", "bob@localhost")) is None
+    assert store.auto_entry(NET).last_seen == T + HOUR + 400
+    # any address in the same network benefits
+    other = mail_from("z@other.example", client="198.51.100.250", recipient="x@localhost")
+    assert decide(other, AUTO2, store, T + HOUR + 500).reason == "auto-whitelist"
+
+
+def test_known_deliveries_count_toward_the_auto_whitelist(store):
+    req = mail_from("a@sender.example")
+    pass_triplet(store, req, T, AUTO2)
+    assert step(store, req, T + 300 + HOUR, AUTO2).reason == "known"
+    assert decide(mail_from("new@sender.example"), AUTO2, store,
+                  T + 400 + HOUR).reason == "auto-whitelist"
+
+
+def test_passes_within_the_same_hour_count_once(store):
+    pass_triplet(store, mail_from("a@sender.example"), T, AUTO2)
+    pass_triplet(store, mail_from("b@sender.example"), T + 600, AUTO2)
+    pass_triplet(store, mail_from("d@sender.example"), T + HOUR - 1, AUTO2)
+    assert store.auto_entry(NET).count == 1
+    v = decide(mail_from("c@sender.example"), AUTO2, store, T + HOUR + 400)
+    assert (v.action, v.reason) == (GREYLIST, "new")
+
+
+def test_auto_whitelist_count_is_forgotten_after_max_age(store):
+    pass_triplet(store, mail_from("a@sender.example"), T, AUTO2)
+    pass_triplet(store, mail_from("b@sender.example"), T + HOUR, AUTO2)
+    later = T + HOUR + 300 + 35 * DAY + 1          # network unseen past max_age
+    pass_triplet(store, mail_from("c@sender.example"), later, AUTO2)
+    # one pass since it was forgotten: not yet auto-whitelisted
+    v = decide(mail_from("d@sender.example"), AUTO2, store, later + 400)
+    assert (v.action, v.reason) == (GREYLIST, "new")
+
+
 # -- concurrency -------------------------------------------------------------------
 
-def test_record_waits_for_another_writer(store, path):
-    other = raw(path)
+def test_record_waits_for_another_writer(store, database):
+    other = raw(database)
     other.execute("BEGIN IMMEDIATE")
-    impatient = sqlite3.connect(str(path), timeout=0)
+    impatient = sqlite3.connect(str(database), timeout=0)
     try:
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             impatient.execute("INSERT INTO meta (key, value) VALUES ('probe', 1)")
@@ -340,7 +476,7 @@ def test_add_whitelist_refuses_an_unknown_kind(store):
     assert store.conn.execute("SELECT count(*) FROM whitelist").fetchone()[0] == 0
 
 
-def test_whitelist_is_cached_until_another_connection_changes_it(store, path):
+def test_whitelist_is_cached_until_another_connection_changes_it(store, database):
     first = store.whitelist()
     assert store.whitelist() is first
     req = Request("198.51.100.7", "alice@sender.example", "bob@localhost")
@@ -348,7 +484,7 @@ def test_whitelist_is_cached_until_another_connection_changes_it(store, path):
     remember(store, verdict(policy.NEW), T)            # other tables: cache kept
     assert store.whitelist() is first
 
-    writer = Store(path)
+    writer = Store(database)
     try:
         assert writer.add_whitelist("sender", "@sender.example", now=T) is True
     finally:
@@ -359,11 +495,11 @@ def test_whitelist_is_cached_until_another_connection_changes_it(store, path):
     assert store.whitelist() is second
 
 
-def test_whitelist_cache_sees_a_removal(store, path):
+def test_whitelist_cache_sees_a_removal(store, database):
     store.add_whitelist("client", NET, now=T)
     req = Request("198.51.100.7", "a@b.example", "c@localhost")
     assert store.whitelist().match(req, T) == NET
-    conn = raw(path)
+    conn = raw(database)
     conn.execute("DELETE FROM whitelist WHERE kind = 'client'")
     conn.close()
     assert store.whitelist().match(req, T) is None
@@ -376,11 +512,11 @@ def lease(pool):
     return pool.facts(NET, TRIPLET)
 
 
-def test_pool_open_creates_and_migrates(path):
-    pool = StorePool(path)
+def test_pool_open_creates_and_migrates(database):
+    pool = StorePool(database)
     pool.open()
     try:
-        conn = raw(path)
+        conn = raw(database)
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.close()
@@ -398,8 +534,8 @@ def test_pool_open_creates_the_directory(tmp_path):
     assert (tmp_path / "var" / "db" / "greyd.db").is_file()
 
 
-def test_pool_reuses_its_connection(path):
-    pool = StorePool(path)
+def test_pool_reuses_its_connection(database):
+    pool = StorePool(database)
     pool.open()
     try:
         with lease(pool) as first:
@@ -411,8 +547,8 @@ def test_pool_reuses_its_connection(path):
         pool.close()
 
 
-def test_pool_discards_a_connection_after_a_database_error(path):
-    pool = StorePool(path)
+def test_pool_discards_a_connection_after_a_database_error(database):
+    pool = StorePool(database)
     pool.open()
     try:
         with pytest.raises(StoreError, match="no such table"):
@@ -427,8 +563,8 @@ def test_pool_discards_a_connection_after_a_database_error(path):
         pool.close()
 
 
-def test_pool_keeps_at_most_keep_connections(path):
-    pool = StorePool(path, keep=1)
+def test_pool_keeps_at_most_keep_connections(database):
+    pool = StorePool(database, keep=1)
     pool.open()
     try:
         with lease(pool) as outer:
@@ -444,8 +580,8 @@ def test_pool_keeps_at_most_keep_connections(path):
         pool.close()
 
 
-def test_pool_close_closes_idle_connections(path):
-    pool = StorePool(path)
+def test_pool_close_closes_idle_connections(database):
+    pool = StorePool(database)
     pool.open()
     with lease(pool) as facts:
         pass
@@ -460,11 +596,11 @@ def test_check_writable_passes_on_a_writable_database(store):
     assert not store.conn.in_transaction
 
 
-def test_check_writable_refuses_a_read_only_database(path):
-    pool = StorePool(path)
+def test_check_writable_refuses_a_read_only_database(database):
+    pool = StorePool(database)
     pool.open()
     pool.close()
-    os.chmod(path, 0o444)
+    os.chmod(database, 0o444)
     # Root writes through 0444; without CAP_DAC_OVERRIDE it cannot, like any user.
     prefix = ["setpriv", "--bounding-set=-dac_override", "--"] if os.geteuid() == 0 else []
     probe = ("import sys, sqlite3\n"
@@ -474,14 +610,14 @@ def test_check_writable_refuses_a_read_only_database(path):
              "s = Store(sys.argv[1])\n"
              "try:\n    s.check_writable()\nexcept sqlite3.Error as e:\n    print('check:', e)\n"
              "try:\n    StorePool(sys.argv[1]).open()\nexcept StoreError as e:\n    print('open:', e)\n")
-    result = subprocess.run([*prefix, sys.executable, "-c", probe, str(path)],
+    result = subprocess.run([*prefix, sys.executable, "-c", probe, str(database)],
                             capture_output=True, text=True, timeout=20)
     assert result.stdout.splitlines() == ["check: attempt to write a readonly database",
                                           "open: attempt to write a readonly database"], result.stderr
 
 
-def test_pool_connections_commit_without_fsync_in_wal(path):
-    pool = StorePool(path)
+def test_pool_connections_commit_without_fsync_in_wal(database):
+    pool = StorePool(database)
     pool.open()
     with lease(pool) as first, lease(pool) as second:
         for s in (first.store, second.store):
@@ -490,9 +626,9 @@ def test_pool_connections_commit_without_fsync_in_wal(path):
     pool.close()
 
 
-def test_a_hundred_concurrent_writers_all_succeed(path):
+def test_a_hundred_concurrent_writers_all_succeed(database):
     """Writers of one process queue on the pool's lock, not in SQLite's busy handler."""
-    pool = StorePool(path)
+    pool = StorePool(database)
     pool.open()
     failures = []
 
@@ -510,7 +646,7 @@ def test_a_hundred_concurrent_writers_all_succeed(path):
     for thread in threads:
         thread.join(60)
     assert failures == []
-    with Store(path) as s:
+    with Store(database) as s:
         assert s.conn.execute("SELECT count(*) FROM triplets").fetchone()[0] == 2000
 
 
@@ -539,7 +675,7 @@ def test_a_snapshot_answers_as_the_separate_queries_do(store):
     assert facts.seen(other) is None and facts.auto_entry("192.0.2.0/24") is None
 
 
-def test_a_new_triplet_reads_no_row_yet_sees_another_connections_whitelist(store, path):
+def test_a_new_triplet_reads_no_row_yet_sees_another_connections_whitelist(store, database):
     """Nothing to tell (the whitelist this connection holds, no entries) is
     no row at all; a whitelist changed elsewhere still comes through."""
     store.facts(NET, TRIPLET).whitelist()           # the connection now holds version 0
@@ -548,7 +684,7 @@ def test_a_new_triplet_reads_no_row_yet_sees_another_connections_whitelist(store
     facts = store.facts(NET, TRIPLET)
     assert facts.seen(TRIPLET) is None and facts.auto_entry(NET) is None
     assert facts.whitelist() == store.whitelist()
-    with Store(path) as other:
+    with Store(database) as other:
         other.add_whitelist("sender", "vip@example.org")
     assert store.conn.execute(storage.FACTS_SQL, args).fetchone() is not None
     request = policy.Request(client="192.0.2.1", sender="vip@example.org",
@@ -599,8 +735,8 @@ class Counted:
 
 
 @pytest.fixture
-def pool(path):
-    pool = StorePool(path)
+def pool(database):
+    pool = StorePool(database)
     pool.open()
     yield pool
     pool.close()
@@ -628,10 +764,10 @@ def test_the_writer_commits_concurrent_sessions_together(pool):
     assert counted.commits < 500          # some sessions' verdicts shared a transaction
 
 
-def test_a_decision_waits_for_this_process_s_queued_writes_about_its_triplet(pool, path):
+def test_a_decision_waits_for_this_process_s_queued_writes_about_its_triplet(pool, database):
     """settle(): a retry is decided on what came before it, even at once."""
     recorder = Recorder(pool.record, StoreHealth())
-    locker = raw(path)
+    locker = raw(database)
     locker.execute("BEGIN IMMEDIATE")         # the writer thread waits behind this
 
     def settling(network, triplet) -> threading.Thread:
@@ -660,10 +796,10 @@ def test_a_decision_waits_for_this_process_s_queued_writes_about_its_triplet(poo
     locker.close()
 
 
-def test_after_a_failed_commit_sessions_wait_for_their_own_until_one_succeeds(pool, path):
+def test_after_a_failed_commit_sessions_wait_for_their_own_until_one_succeeds(pool, database):
     health = StoreHealth()
     recorder = Recorder(pool.record, health)
-    locker = raw(path)
+    locker = raw(database)
     locker.execute("PRAGMA busy_timeout = 0")
     locker.execute("BEGIN IMMEDIATE")         # the write lock, held past greyd's busy timeout
     lost = [Triplet(NET, f"s{i}@sender.example", "bob@localhost") for i in range(5)]

@@ -23,7 +23,8 @@ from greyd.policy import Entry, Request, Whitelist
 from greyd.store import Store
 
 from conftest import write_config
-from test_daemon import Foreground, config_for, deliver, greyd, wait_listening
+from daemon import Foreground, config_for, greyd, wait_listening
+from smtpclient import deliver
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -216,14 +217,7 @@ def test_reading_postgrey_lines():
         (None, "regular expressions are not supported for recipients")]
 
 
-# -- the store's whitelist methods ------------------------------------------------
-
-@pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "greyd.db") as opened:
-        opened.migrate()
-        yield opened
-
+# -- the store's whitelist methods (conftest's `store`) ---------------------------
 
 def version(store: Store) -> int:
     return store.conn.execute("SELECT value FROM meta WHERE key = 'whitelist_version'").fetchone()[0]

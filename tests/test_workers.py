@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from smtpclient import Raw
-from test_daemon import DELAY, Foreground, config_for, deliver, greyd, wait_listening
+from conftest import greeted, until
+from daemon import DELAY, Foreground, config_for, greyd, wait_listening
+from smtpclient import Raw, deliver
 
 pytestmark = pytest.mark.timeout(90)
 WORKERS = 2
@@ -26,12 +27,21 @@ def children(pid: int) -> set[int]:
             Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
 
 
-def wait_for(condition, timeout: float = 10, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return result
+def running_workers(master: int, replacing: set[int] = frozenset()) -> set[int]:
+    """The master's WORKERS workers once all run (none of them one of `replacing`)."""
+    workers = until(lambda: len(children(master)) == WORKERS and
+                    not children(master) & replacing and children(master), 10)
+    assert workers, f"the workers did not start: {children(master)}"
+    return workers
+
+
+def gone(pid: int) -> bool:
+    """True once the process has exited (a zombie nobody reaped has exited too)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
 
 
 def serving_pids(log: str) -> set[int]:
@@ -50,8 +60,7 @@ def test_workers_share_the_port_the_database_and_stop_with_the_master(
     with Foreground(workers_config) as daemon:
         wait_listening(port)
         master = daemon.proc.pid
-        workers = wait_for(lambda: len(children(master)) == WORKERS and children(master),
-                           what="the workers")
+        workers = running_workers(master)
         first = deliver(port, "alice@example.net", "bob@localhost")[0]
         # Many sessions: the kernel spreads them over both workers.
         for i in range(40):
@@ -95,8 +104,7 @@ def test_threads_run_under_sched_batch_and_each_worker_on_one_cpu(
     with Foreground(workers_config, prefix=list(chrt)) as daemon:
         wait_listening(port)
         master = daemon.proc.pid
-        workers = wait_for(lambda: len(children(master)) == WORKERS and children(master),
-                           what="the workers")
+        workers = running_workers(master)
         clients = [Raw(port) for _ in range(3)]
         assert [client.greeting[0] for client in clients] == [220] * 3
         policies = thread_policies({master, *workers})
@@ -115,7 +123,7 @@ def test_threads_run_under_sched_batch_and_each_worker_on_one_cpu(
 def test_the_per_client_limit_holds_across_workers(workers_config, port):
     with Foreground(workers_config) as daemon:
         wait_listening(port)
-        wait_for(lambda: len(children(daemon.proc.pid)) == WORKERS, what="the workers")
+        running_workers(daemon.proc.pid)
         held = [Raw(port) for _ in range(3)]
         try:
             for client in held:
@@ -124,20 +132,13 @@ def test_the_per_client_limit_holds_across_workers(workers_config, port):
                 assert fourth.recv(200).startswith(b"421 4.7.0 ")
             held.pop().close()
             # a slot is free again, whichever worker it was counted in
-            replacement = wait_for(lambda: _greeted(port), what="a free slot")
+            replacement = greeted(port, timeout=10)
+            assert replacement, "no slot came free"
             held.append(replacement)
         finally:
             for client in held:
                 client.close()
         assert daemon.stop() == 0
-
-
-def _greeted(port: int) -> Raw | None:
-    client = Raw(port)
-    if client.greeting[0] == 220:
-        return client
-    client.close()
-    return None
 
 
 def _delivered(port: int) -> tuple | None:
@@ -153,24 +154,23 @@ def test_a_dead_worker_is_replaced_and_its_connections_uncounted(workers_config,
     with Foreground(workers_config) as daemon:
         wait_listening(port)
         master = daemon.proc.pid
-        before = wait_for(lambda: len(children(master)) == WORKERS and children(master),
-                          what="the workers")
+        before = running_workers(master)
         held = [Raw(port) for _ in range(3)]        # the client's whole allowance
         for client in held:
             assert client.greeting[0] == 220
         for pid in before:
             os.kill(pid, signal.SIGKILL)
-        after = wait_for(lambda: len(children(master)) == WORKERS and
-                         not children(master) & before and children(master),
-                         what="new workers")
+        after = running_workers(master, replacing=before)
         for client in held:
             client.close()
         # The killed workers' three connections no longer count against the client.
-        fresh = [wait_for(lambda: _greeted(port), what="a greeting") for _ in range(3)]
-        for client in fresh:
+        fresh = [greeted(port, timeout=10) for _ in range(3)]
+        for client in filter(None, fresh):
             client.close()
+        assert all(fresh), "the killed workers' connections still count"
         # Their slots come free as their sessions see the close; then it serves on.
-        rcpt = wait_for(lambda: _delivered(port), what="a free slot")
+        rcpt = until(lambda: _delivered(port), 10)
+        assert rcpt, "no slot came free"
         assert rcpt[0] == 451
         assert daemon.stop() == 0
     log = (tmp_path / "var/log/greyd.log").read_text()
@@ -181,26 +181,45 @@ def test_a_dead_worker_is_replaced_and_its_connections_uncounted(workers_config,
 def test_reload_reaches_every_worker(workers_config, port, tmp_path):
     with Foreground(workers_config) as daemon:
         wait_listening(port)
-        wait_for(lambda: len(children(daemon.proc.pid)) == WORKERS, what="the workers")
+        running_workers(daemon.proc.pid)
         assert deliver(port, "a@example.net", "b@new.example")[0][0] == 550
         workers_config.write_text(workers_config.read_text().replace(
             'domains = ["localhost", "example.org"]', 'domains = ["new.example"]'))
         assert greyd("reload", config=workers_config).returncode == 0
         log = tmp_path / "var/log/greyd.log"
-        wait_for(lambda: log.read_text().count("INFO reloaded ") == WORKERS, what="reloads")
+        assert until(lambda: log.read_text().count("INFO reloaded ") == WORKERS, 10), \
+            "not every worker reloaded"
         # Every worker now relays for the new domain (sessions land on both).
         assert {deliver(port, f"s{i}@example.net", f"r{i}@new.example")[0][0]
                 for i in range(20)} == {451}
         assert daemon.stop() == 0
 
 
-def test_a_worker_whose_master_is_gone_stops(workers_config, port):
+MASTER_GONE_BOUND = 15   # seconds: a worker looks for its master every 0.5 s, then stops
+
+
+def test_a_worker_whose_master_is_gone_stops(workers_config, port, tmp_path):
+    """Killed outright, the master cannot tell its workers to stop: each must
+    find out by itself and stop gracefully, freeing the port, instead of
+    serving on as an orphan nobody supervises."""
     with Foreground(workers_config) as daemon:
         wait_listening(port)
-        workers = wait_for(lambda: len(children(daemon.proc.pid)) == WORKERS and
-                           children(daemon.proc.pid), what="the workers")
-        daemon.proc.kill()
-        daemon.proc.wait()
-        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and
-                                 "zombie" not in Path(f"/proc/{pid}/status").read_text()
-                                 for pid in workers), what="the workers to stop")
+        workers = running_workers(daemon.proc.pid)
+        try:
+            assert deliver(port, "a@example.net", "b@localhost")[0][0] == 451   # they serve
+            daemon.proc.kill()
+            daemon.proc.wait()
+            stopped = until(lambda: all(gone(pid) for pid in workers), MASTER_GONE_BOUND)
+            running = sorted(pid for pid in workers if not gone(pid))
+            assert stopped, f"workers {running} outlived their master by {MASTER_GONE_BOUND} s"
+        finally:
+            for pid in workers:            # a worker that does not stop must not outlive the test
+                if not gone(pid):
+                    os.kill(pid, signal.SIGKILL)
+    log = (tmp_path / "var/log/greyd.log").read_text()
+    assert log.count("master process gone, stopping") == WORKERS
+    assert log.count("INFO stopped") == WORKERS
+    with socket.socket() as probe:     # nothing serves the port any more
+        probe.settimeout(5)
+        with pytest.raises(ConnectionRefusedError):
+            probe.connect(("127.0.0.1", port))

@@ -264,6 +264,15 @@ def dead_port() -> int:
     return free_port("127.0.0.1")
 
 
+def hang_up(peers) -> None:
+    """Shut down both directions of every peer's socket, wherever it is stuck."""
+    for peer in peers:
+        try:
+            peer.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class _FaultServer:
     """A threaded TCP server on 127.0.0.1 whose `talk(sock)` plays one peer."""
 
@@ -297,11 +306,7 @@ class _FaultServer:
     def __exit__(self, *exc_info) -> None:
         self._server.shutdown()
         with self._lock:
-            for peer in self._peers:
-                try:
-                    peer.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            hang_up(self._peers)
         self._server.server_close()  # joins the handler threads
         self._thread.join(FAULT_TIMEOUT)
 
