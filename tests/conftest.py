@@ -246,13 +246,16 @@ def port() -> int:
 
 @pytest.fixture
 def start_greyd(tmp_path, clock):
-    """start_greyd(upstream_port, grace=1, **{section: {key: value}}) -> Greyd, stopped
-    at teardown; `grace`: the seconds a stop lets sessions finish."""
+    """start_greyd(upstream_port, grace=1, store=None, **{section: {key: value}}) ->
+    Greyd, stopped at teardown; `grace`: the seconds a stop lets sessions finish;
+    `store`: a storage.Backend instead of the configured database."""
     running: list[Daemon] = []
 
-    def start(upstream_port: int, *, grace: float = 1, **overrides) -> Greyd:
+    def start(upstream_port: int, *, grace: float = 1, store=None, **overrides) -> Greyd:
         config = configuration.load(write_config(tmp_path, upstream_port, **overrides))
-        ctx = Context(config, Greylister.open(config, clock=clock))
+        greylister = (Greylister.open(config, clock=clock) if store is None
+                      else Greylister(config, store, clock=clock))
+        ctx = Context(config, greylister)
         daemon = Daemon(ctx, grace=grace)
         daemon.start()
         running.append(daemon)

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+from contextlib import contextmanager
 
 import pytest
+
+from conftest import MemoryFacts
+from smtpclient import deliver
 
 from greyd import config as configuration, policy
 from greyd.greylist import Greylister
@@ -140,3 +144,53 @@ def test_a_reload_keeps_the_store_and_recorder_unless_the_database_moves(config,
         config.database, path=tmp_path / "other.db")))
     assert moved.backend is not greylister.backend and moved.recorder is not greylister.recorder
     greylister.close()
+
+
+class MemoryStore:
+    """A store that is not SQLite: the storage.Backend protocol, over MemoryFacts.
+
+    Remembers triplets only (no auto-whitelist, no counters): enough to show
+    that the greylister and the session need nothing of a store but the
+    protocol, so another database is one module beside store.py.
+    """
+
+    def __init__(self):
+        self.memory = MemoryFacts()
+        self.opened = self.closed = False
+
+    def open(self) -> None:
+        self.opened = True
+
+    @contextmanager
+    def facts(self, network, triplet):
+        yield self.memory
+
+    def record(self, decisions) -> None:
+        triplets = self.memory.triplets
+        for verdict, now, _ in decisions:
+            now, seen = int(now), triplets.get(verdict.triplet)
+            if verdict.update in (policy.NEW, policy.RESTART):
+                triplets[verdict.triplet] = Seen(now, now)
+            elif verdict.update == policy.EARLY:
+                triplets[verdict.triplet] = dataclasses.replace(seen, last=now)
+            elif verdict.update in (policy.PASS, policy.KNOWN):
+                triplets[verdict.triplet] = dataclasses.replace(
+                    seen, last=now, passed=seen.passed or now)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_store_other_than_sqlite_serves_sessions_unchanged(start_greyd, upstream, clock):
+    store = MemoryStore()
+    g = start_greyd(upstream.port, store=store, greylist={"delay": 60})
+    assert deliver(g.port, "alice@example.net")[0][0] == 451
+    clock.advance(61)
+    rcpt, data = deliver(g.port, "alice@example.net", body=b"Subject: hi\r\n\r\nHi.\r\n")
+    assert rcpt[0] == 250 and data[0] == 250
+    assert upstream.wait_for(1)[0].rcpt_tos == ["bob@localhost"]
+    g.ctx.greylister.recorder.flush()
+    assert store.memory.triplets == {
+        policy.Triplet("127.0.0.0/24", "alice@example.net", "bob@localhost"):
+            Seen(int(clock.now) - 61, int(clock.now), int(clock.now))}
+    assert not (g.config.database.path).exists()
