@@ -62,27 +62,21 @@ class Channel:
         except Closed:
             pass
 
-    def readline(self, limit: int) -> bytes:
-        try:
-            return self.rfile.readline(limit)
-        except OSError as error:
-            raise _ended(error) from None
-
     def command(self) -> bytes:
         """One command line; b"" when it was too long (the rest is skipped)."""
-        line = self.readline(COMMAND_LIMIT + MAIL_ALLOWANCE + 1)
-        if not line:
-            raise Closed("disconnect")
-        if not line.endswith(b"\n"):
+        readline = self.rfile.readline
+        try:
+            line = readline(COMMAND_LIMIT + MAIL_ALLOWANCE + 1)
+            if line.endswith(b"\n"):
+                return line
             if len(line) <= COMMAND_LIMIT + MAIL_ALLOWANCE:
-                raise Closed("disconnect")
-            while True:
-                rest = self.readline(CHUNK)
+                raise Closed("disconnect")          # end of stream within the line
+            while not (rest := readline(CHUNK)).endswith(b"\n"):
                 if not rest:
                     raise Closed("disconnect")
-                if rest.endswith(b"\n"):
-                    return b""
-        return line
+            return b""
+        except OSError as error:
+            raise _ended(error) from None
 
     def message(self, limit: int, timeout: float) -> Received:
         """The message up to CRLF.CRLF, dot-unstuffed (RFC 5321 4.5.2); each
@@ -92,7 +86,10 @@ class Channel:
         after_cr = False                # ... or with CR, if this chunk is the LF
         while True:
             self.expect(timeout)
-            chunk = self.readline(CHUNK)
+            try:
+                chunk = self.rfile.readline(CHUNK)
+            except OSError as error:
+                raise _ended(error) from None
             if not chunk:
                 raise Closed("disconnect")
             if line_start:

@@ -121,7 +121,7 @@ class Dialogue:
             self.failed = True
             logger.exception("session error %s", log.fields(
                 id=session.id, client=session.client, phase="end"))
-        logger.info("session end %s", log.fields(
+        log.info("session end " + log.fields(
             id=session.id, client=session.client, name=session.client_name or "unknown",
             helo=session.helo, messages=session.messages, errors=session.errors,
             end="error" if self.failed else session.end,

@@ -89,7 +89,7 @@ class Greylister:
         except StoreError as error:
             self.health.failed(error)
             verdict = policy.without_store(request, rules, self.on_store_error)
-        logger.info("decision %s", log.fields(
+        log.info("decision " + log.fields(
             id=session, client=request.client, name=request.client_name or "unknown",
             helo=request.helo, **{"from": request.sender}, to=request.recipient,
             action=verdict.action, reason=verdict.reason, delay=verdict.delayed,

@@ -3,6 +3,11 @@
 `fields()` is the one place that turns values into log text. Any value that
 is not a plain printable word is quoted with JSON escapes, so nothing a
 client sends (CR, LF, quotes, '=') can split or forge a log line.
+
+`setup()` gives the "greyd" logger one handler, `Batched`: a line is
+formatted where it is logged and written, with the lines of the same
+moment, by one thread of the process. `info()` is how a session writes its
+lines (decision, message, session end) to the "greyd" logger.
 """
 
 from __future__ import annotations
@@ -46,15 +51,16 @@ def fields(**values: object) -> str:
     return " ".join(f"{key}={quote(value)}" for key, value in values.items())
 
 
-def info(logger: logging.Logger, message: str) -> None:
-    """logger.info(message), for the lines each session writes.
+def info(message: str, logger: logging.Logger | None = None) -> None:
+    """logger.info(message) (by default on the "greyd" logger), for the
+    lines each session writes.
 
-    When greyd's batching handler is the logger's only one (as `setup`
-    leaves it), the line is made here, as that handler's formatter would
-    make it, and queued: no LogRecord, no filter or handler calls, about a
-    third of what logging spends on a line. Otherwise (a test's handler,
-    syslog) it goes through logging as any other line.
+    When `Batched` is the logger's only handler (as `setup` leaves it), the
+    line is made here, as that handler's formatter would make it, and
+    queued, without a LogRecord. Otherwise (a test's handler, syslog) it
+    goes through logging as any other line.
     """
+    logger = logger or _logger
     handlers = logger.handlers
     if (len(handlers) == 1 and type(handlers[0]) is Batched and not handlers[0].filters
             and not logger.filters and not logger.propagate
@@ -66,11 +72,8 @@ def info(logger: logging.Logger, message: str) -> None:
 
 def setup(config, *, stderr: bool) -> logging.Logger:
     """Attach the handlers [log] asks for; replaces any earlier ones (reload)."""
-    # greyd's lines name no source file, thread or process name: logging need
-    # not look them up for every line.
-    logging._srcfile = None
-    logging.logThreads = logging.logMultiprocessing = False
-    logger = logging.getLogger(LOGGER)
+    logging.logThreads = logging.logMultiprocessing = False     # not in FORMAT
+    logger = _logger
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
@@ -137,9 +140,14 @@ def _forked() -> None:
 
 
 _pid = os.getpid()          # this process's, for log lines (Formatter.line)
+_logger = logging.getLogger(LOGGER)
 os.register_at_fork(after_in_child=_forked)
 
 
+# Kept instead of logging.handlers.QueueHandler/QueueListener: through those,
+# a deferred session cost 867,000 instructions against 662,000 through this
+# (both without info()'s shortcut; callgrind, the daemon under smtp-source),
+# and the bench's deferred ratio fell.
 class Batched(logging.Handler):
     """The file and stderr handlers, written to by one thread, many lines a write.
 

@@ -114,9 +114,9 @@ class StorePool:
                 self._new_generation()
             self._idle.append(store)
 
-    def facts(self, network: str, triplet: Triplet) -> "_Facts":
+    def facts(self, network: str, triplet: Triplet) -> "_Lease":
         """`with pool.facts(network, triplet) as facts:` on a borrowed connection."""
-        return _Facts(self, network, triplet)
+        return _Lease(self, (network, triplet))
 
     def record(self, decisions: Sequence[Decision]) -> None:
         with _Lease(self) as store:
@@ -208,35 +208,23 @@ class StorePool:
 
 class _Lease:
     """A borrowed connection, given back at the end (closed instead if an
-    sqlite3.Error went through, which leaves as a StoreError)."""
+    sqlite3.Error went through, which leaves as a StoreError). It yields the
+    Store, or with `keys` (network, triplet) the facts of that decision."""
 
-    __slots__ = ("pool", "store", "generation")
+    __slots__ = ("pool", "keys", "store", "generation")
 
-    def __init__(self, pool: StorePool):
-        self.pool = pool
+    def __init__(self, pool: StorePool, keys: tuple[str, Triplet] | None = None):
+        self.pool, self.keys = pool, keys
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Store | Facts:
         try:
             self.store, self.generation = self.pool._borrow()
         except sqlite3.Error as error:
             raise StoreError(str(error)) from error
-        return self.store
+        return self.store if self.keys is None else self.store.facts(*self.keys)
 
     def __exit__(self, kind, error, traceback) -> None:
         failed = kind is not None and issubclass(kind, sqlite3.Error)
         self.pool._give_back(self.store, self.generation, healthy=not failed)
         if failed:
             raise StoreError(str(error)) from error
-
-
-class _Facts(_Lease):
-    """A lease that yields the facts of one decision."""
-
-    __slots__ = ("network", "triplet")
-
-    def __init__(self, pool: StorePool, network: str, triplet: Triplet):
-        super().__init__(pool)
-        self.network, self.triplet = network, triplet
-
-    def __enter__(self) -> Facts:
-        return super().__enter__().facts(self.network, self.triplet)

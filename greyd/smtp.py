@@ -318,7 +318,7 @@ class Session:
         reply = self.relay.data(trace + data)
         if reply.code == 250:
             self.messages += 1
-        logger.info("message %s", log.fields(
+        log.info("message " + log.fields(
             id=self.id, client=self.client, **{"from": envelope.sender},
             to=",".join(envelope.recipients), size=len(data), status=reply.code,
             reply=reply.text))

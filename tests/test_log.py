@@ -82,7 +82,7 @@ def test_info_writes_the_line_logging_would(batched):
     logger, handler, stream = batched
     before = time.strftime("%Y-%m-%d %H:%M:%S")
     logger.info("decision %s", 'to=bob action=greylist reason="new"')
-    log.info(logger, 'decision to=bob action=greylist reason="new"')
+    log.info('decision to=bob action=greylist reason="new"', logger)
     handler.flush()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
@@ -97,7 +97,7 @@ def test_info_names_a_forked_worker_by_its_own_pid(batched):
     child = os.fork()
     if child == 0:                  # the worker: its line, through the pipe, then out
         try:
-            log.info(logger, "decision to=bob")
+            log.info("decision to=bob", logger)
             handler.flush()
             os.write(write, stream.getvalue().encode())
         finally:
@@ -116,13 +116,13 @@ def test_info_goes_through_logging_when_another_handler_listens(batched):
     other.emit = seen.append
     logger.addHandler(other)
     try:
-        log.info(logger, "session end id=1")
+        log.info("session end id=1", logger)
     finally:
         logger.removeHandler(other)
     quiet = logging.Logger(logger.name, logging.WARNING)    # (setLevel() would leave the
     quiet.propagate = False                                 # level cache of a logger that
     quiet.addHandler(handler)                               # getLogger() did not make)
-    log.info(quiet, "decision id=2")                # below the logger's level: nothing
+    log.info("decision id=2", quiet)                # below the logger's level: nothing
     handler.flush()
     assert [record.getMessage() for record in seen] == ["session end id=1"]
     assert [STAMP.sub("", line) for line in stream.getvalue().splitlines()] == \
