@@ -26,7 +26,7 @@ def client_address(text: str) -> Address:
 
 def client_text(text: str) -> str:
     """A peer address as greyd logs and relays it ('::ffff:192.0.2.7' -> '192.0.2.7')."""
-    if ":" not in text and "%" not in text:
+    if ":" not in text:
         return text                     # IPv4, as the kernel writes it
     return str(client_address(text))
 

@@ -67,24 +67,18 @@ class FailingStore:
         raise PlantedFault("in the store")
 
 
-class FailingRelay(Relay):
-    """A relay whose RCPT (or DATA, per `fails`) raises."""
-
-    fails = "rcpt"
+class FailingRcptRelay(Relay):
+    """A relay whose RCPT raises."""
 
     def rcpt(self, recipient):
-        if self.fails == "rcpt":
-            raise PlantedFault("in the relay's RCPT")
-        return super().rcpt(recipient)
+        raise PlantedFault("in the relay's RCPT")
+
+
+class FailingDataRelay(Relay):
+    """A relay whose DATA raises."""
 
     def data(self, message):
-        if self.fails == "data":
-            raise PlantedFault("in the relay's DATA")
-        return super().data(message)
-
-
-class FailingDataRelay(FailingRelay):
-    fails = "data"
+        raise PlantedFault("in the relay's DATA")
 
 
 class Clock:
@@ -152,6 +146,13 @@ def hung_up(client: Raw) -> bool:
         return True
 
 
+def refused_rcpt(client: Raw) -> None:
+    """EHLO, MAIL, and an RCPT answered 451 4.3.0 (the planted fault)."""
+    assert client.cmd("EHLO mail.example.net")[0] == 250
+    assert client.cmd("MAIL FROM:<alice@example.net>") == R(replies.SENDER_OK)
+    assert client.cmd("RCPT TO:<bob@localhost>") == R(replies.LOCAL_ERROR)
+
+
 def transaction(client: Raw, recipient: str = "bob@localhost") -> None:
     assert client.cmd("EHLO mail.example.net")[0] == 250
     assert client.cmd("MAIL FROM:<alice@example.net>") == R(replies.SENDER_OK)
@@ -179,9 +180,7 @@ def test_a_fault_in_the_greeting_is_421_and_a_close(tmp_path, upstream, logs):
 def test_a_fault_in_a_command_is_451_and_the_session_goes_on(tmp_path, upstream, logs):
     talk = Conversation(tmp_path, upstream, STRANGER, store=FailingStore)
     client = talk.client
-    assert client.cmd("EHLO mail.example.net")[0] == 250
-    assert client.cmd("MAIL FROM:<alice@example.net>") == R(replies.SENDER_OK)
-    assert client.cmd("RCPT TO:<bob@localhost>") == R(replies.LOCAL_ERROR)
+    refused_rcpt(client)
     assert client.cmd("DATA") == R(replies.NEED_MAIL)        # the transaction was dropped
     assert client.cmd("MAIL FROM:<alice@example.net>") == R(replies.SENDER_OK)
     assert client.cmd("QUIT")[0] == 221
@@ -190,11 +189,9 @@ def test_a_fault_in_a_command_is_451_and_the_session_goes_on(tmp_path, upstream,
 
 
 def test_a_fault_in_the_relay_at_rcpt_is_451(tmp_path, upstream, logs):
-    talk = Conversation(tmp_path, upstream, TRUSTED, relay=FailingRelay)
+    talk = Conversation(tmp_path, upstream, TRUSTED, relay=FailingRcptRelay)
     client = talk.client
-    assert client.cmd("EHLO mail.example.net")[0] == 250
-    assert client.cmd("MAIL FROM:<alice@example.net>") == R(replies.SENDER_OK)
-    assert client.cmd("RCPT TO:<bob@localhost>") == R(replies.LOCAL_ERROR)
+    refused_rcpt(client)
     assert client.cmd("QUIT")[0] == 221
     talk.finish()
     assert_logged(logs, "command", "in the relay's RCPT")
