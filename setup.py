@@ -17,6 +17,7 @@ setup(
             "pytest-timeout>=2.1",
             "aiosmtpd>=1.4",
             "hypothesis>=6",
+            "trustme>=1.1",
         ],
     },
     entry_points={"console_scripts": ["greyd = greyd.cli:main"]},

@@ -65,13 +65,16 @@ def greeting(hostname: str, banner: str) -> Reply:
 
 
 @lru_cache(maxsize=64)
-def ehlo(hostname: str, max_size: int) -> Reply:
+def ehlo(hostname: str, max_size: int, offered: tuple[str, ...] = ()) -> Reply:
+    """The EHLO reply: the extensions always offered, then `offered` (those
+    that depend on the session, the certificate or the upstream)."""
     return Reply(250, (
         hostname,
         "PIPELINING",
         f"SIZE {max_size}",
         "8BITMIME",
         "ENHANCEDSTATUSCODES",
+        *offered,
     ))
 
 

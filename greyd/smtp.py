@@ -173,8 +173,12 @@ class Session:
         self.helo, self.esmtp = arg, esmtp
         server = self.config.server
         if esmtp:
-            return replies.ehlo(server.hostname, server.max_message_size)
+            return replies.ehlo(server.hostname, server.max_message_size, self.offered())
         return replies.helo(server.hostname)
+
+    def offered(self) -> tuple[str, ...]:
+        """The EHLO extensions this session offers beyond the fixed ones."""
+        return ()
 
     def smtp_MAIL(self, arg: str) -> Reply:
         if self.helo is None:
