@@ -107,3 +107,23 @@ def wait_banner(port: int, proc: subprocess.Popen, log: Path, what: str) -> None
 def tool(name: str) -> str:
     """The path of a Postfix tool (smtp-source, smtp-sink, postconf), or ""."""
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin") or ""
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, of its children it has reaped, and of
+    its live descendants (/proc): what a forking server such as Postfix's master
+    has spent so far, whichever child spent it."""
+    total, pending, seen = 0, [pid], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14))   # utime stime cutime cstime
+        pending += map(int, children)
+    return total / os.sysconf("SC_CLK_TCK")
