@@ -8,7 +8,12 @@ every figure with its ratio to the sink and its target:
   throughput  deferred sessions/s (fresh triplets: connect, HELO/EHLO, MAIL,
               RCPT -> 4xx, QUIT) and passed messages/s (1 KiB, relayed to the
               sink), at concurrency 20 and 100; p50/p99 session latency
+  tls         deferred sessions/s at concurrency 100, greyd against Postfix +
+              postgrey (private instances, the same sink): plaintext, and over
+              STARTTLS (TLS 1.3, a full handshake per session, the Python
+              client); the CPU each side spends per session
   memory      greyd's RSS idle, and with 1,000 idle connections held open
+              (plaintext; and after STARTTLS, to a greyd offering it)
   store       one decision (Greylister.decide, as the daemon) at 1,000,000
               triplets; database bytes per triplet; `greyd cleanup` removing
               1,000,000 expired triplets while a client keeps sending RCPTs
@@ -24,16 +29,23 @@ The modules, one job each:
 
   processes   child processes: start, wait for a 220, stop; bounded runs
   sink        the sinks: smtp-sink and the Python sink
-  client      the load clients: smtp-source and the Python client
+  client      the load clients: smtp-source and the Python client (STARTTLS too)
+  certificate the certificate the servers present (trustme), the client's TLS
   daemon      the greyd under test: config, start, stop, CPU, RSS, its log
+  postfix     private Postfix instances (shared with the tests)
+  postgrey    a private postgrey, the tls section's policy server
   report      tables, targets, failures and the statistics they print
   throughput  section: sessions and messages per second, session latency
+  tls         section: greyd against Postfix + postgrey, plaintext and TLS
   memory      section: greyd's RSS idle and with idle connections held
   triplets    realistic triplets and a database holding them
   store       section: decision time, bytes per triplet, cleanup under load
   cli         the command line, the header, the summary
 
-The package needs only the standard library and greyd (its store and policy
-modules for the store section; the `greyd` command for the daemon). It is not
-installed with greyd: scripts/bench puts the repository root on sys.path.
+The package needs only the standard library, greyd (its store and policy
+modules for the store section; the `greyd` command for the daemon) and, for
+TLS, trustme (greyd's test extra). Postfix + postgrey need root, Postfix and
+postgrey; without them the tls section measures greyd alone and says why.
+It is not installed with greyd: scripts/bench puts the repository root on
+sys.path.
 """

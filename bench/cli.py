@@ -27,13 +27,15 @@ from pathlib import Path
 
 from bench.daemon import greyd_command, workers_value
 from bench.memory import memory
+from bench.postgrey import GET_POSTGREY
 from bench.processes import BenchError, Processes, run_bounded, tool
 from bench.report import Report, sig
 from bench.sink import serve_sink
 from bench.store import store_section
 from bench.throughput import throughput
+from bench.tls import tls_section
 
-SECTIONS = ("deferred", "passed", "memory", "store")
+SECTIONS = ("deferred", "passed", "tls", "memory", "store")
 GET_POSTFIX = ("echo 'postfix postfix/main_mailer_type select No configuration'"
                " | sudo debconf-set-selections && sudo DEBIAN_FRONTEND=noninteractive"
                " apt-get install -y postfix   # no daemon needs to run")
@@ -47,7 +49,9 @@ def parser() -> argparse.ArgumentParser:
         prog="scripts/bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Benchmark greyd against Postfix's smtp-source/smtp-sink on loopback "
                     "(or a pure-Python client and sink when they are missing).",
-        epilog="Get smtp-source and smtp-sink (Debian/Ubuntu):\n  " + GET_POSTFIX)
+        epilog="Get smtp-source and smtp-sink (Debian/Ubuntu):\n  " + GET_POSTFIX
+               + "\nGet postgrey, for the tls section's Postfix + postgrey (run as root):\n  "
+               + GET_POSTGREY)
     add_size_options(parser)
     add_run_options(parser)
     return parser
@@ -58,13 +62,14 @@ def add_size_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: tiny counts, seconds in all (CI); figures mean nothing")
     parser.add_argument("--only", default=",".join(SECTIONS),
-                        help="comma-separated sections: deferred,passed,memory,store "
+                        help="comma-separated sections: deferred,passed,tls,memory,store "
                              "(default: all)")
     parser.add_argument("--runs", type=int, help="runs per point (default 3; --quick 2)")
     parser.add_argument("--concurrency", default="20,100",
                         help="comma-separated concurrency points (default 20,100)")
     parser.add_argument("--sessions", type=int,
-                        help="deferred sessions per run (default 10000; --quick 300)")
+                        help="deferred sessions per run, plaintext or over STARTTLS "
+                             "(default 10000; --quick 300)")
     parser.add_argument("--messages", type=int,
                         help="passed messages per run (default 5000; --quick 200)")
     parser.add_argument("--idle", type=int,
@@ -193,7 +198,8 @@ def run(args) -> int:
     procs = Processes()
     workdir = Path(tempfile.mkdtemp(prefix="greyd-bench-"))
     sections = [("deferred" in args.only or "passed" in args.only, throughput),
-                ("memory" in args.only, memory), ("store" in args.only, store_section)]
+                ("tls" in args.only, tls_section), ("memory" in args.only, memory),
+                ("store" in args.only, store_section)]
     try:
         with ExitStack() as stack:
             stack.callback(procs.stop_all)

@@ -1,7 +1,8 @@
 """The greyd under test: one daemon on a temporary appliance root.
 
 Owns: finding the `greyd` command that belongs to this interpreter, writing
-its config (etc/greyd.toml, listening on a free loopback port), starting and
+its config (etc/greyd.toml, listening on a free loopback port; a [tls] table
+when it is to offer STARTTLS), starting and
 stopping it, its server.workers setting, the CPU time and RSS of the daemon
 and its workers, and the problems it logged. Must not: send it load, or
 import greyd (the daemon is measured as a separate process).
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from bench.client import DOMAIN
 from bench.processes import HOST, BenchError, Processes, free_port, wait_banner
+from bench.certificate import Certificate
 
 
 def greyd_command() -> list[str]:
@@ -51,7 +53,7 @@ class Greyd:
 
     def __init__(self, root: Path, procs: Processes, *, upstream: int, trusted: bool,
                  workers: int | str, domains: tuple[str, ...] = (DOMAIN,),
-                 database: Path | None = None):
+                 database: Path | None = None, tls: Certificate | None = None):
         self.root, self.procs = root, procs
         self.port = free_port()
         self.config = root / "etc" / "greyd.toml"
@@ -71,6 +73,8 @@ class Greyd:
             "log": {"file": "", "level": "info"},
             "database": {"path": str(self.database)},
         }
+        if tls is not None:         # STARTTLS offered (SPEC §10 [tls])
+            sections["tls"] = {"cert": str(tls.cert), "key": str(tls.key)}
         self.config.write_text("".join(
             f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
             for name, keys in sections.items()))
