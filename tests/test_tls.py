@@ -5,9 +5,12 @@ clients are Python's ssl over real loopback sockets."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import re
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -293,3 +296,21 @@ def test_a_detached_daemon_serves_starttls(tmp_path, certs, upstream, port):
         c.cmd("QUIT")
     finally:
         assert run_greyd("stop", config=path).returncode == 0
+
+
+def test_stats_counts_sessions_over_tls_and_in_plaintext(tls_greyd, certs):
+    g = tls_greyd()
+    g.clock.now = time.time()           # stats counts the last hour and day of the real clock
+    for _ in range(2):
+        secured(g, certs).cmd("QUIT")
+    g.raw().cmd("QUIT")
+    assert until(lambda: not g.daemon.admission.sockets, 5)
+    g.ctx.greylister.recorder.flush()
+    run = run_greyd("stats", "--json", config=g.config.source)
+    assert run.returncode == 0, run.stderr
+    sessions = json.loads(run.stdout)["sessions"]
+    assert (sessions["hour"]["tls"], sessions["hour"]["plaintext"]) == (2, 1)
+    assert (sessions["day"]["tls"], sessions["day"]["plaintext"]) == (2, 1)
+    human = run_greyd("stats", config=g.config.source).stdout
+    assert re.search(r"^  over TLS +2 +2$", human, re.M)
+    assert re.search(r"^  plaintext +1 +1$", human, re.M)
