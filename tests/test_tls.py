@@ -11,47 +11,14 @@ import re
 import socket
 import ssl
 import time
-from pathlib import Path
 
 import pytest
-import trustme
+
+from certs import HOST, Certs
 from conftest import until
-from daemon import config_for
-from daemon import greyd as run_greyd
+from daemon import config_for, greyd as run_greyd
+from greyd import config as configuration, replies
 from smtpclient import R, Raw
-
-from greyd import config as configuration
-from greyd import replies
-
-HOST = "mx.greyd.test"
-
-
-class Certs:
-    """A test CA, and certificate/key files it issued, written under `root`."""
-
-    def __init__(self, root: Path):
-        self.ca = trustme.CA()
-        self.root = root
-        self.count = 0
-        self.ca.cert_pem.write_to_path(str(root / "ca.pem"))
-
-    def issue(self, name: str = HOST, days: int = 365) -> tuple[Path, Path]:
-        """A certificate for `name`, valid `days` more days: (cert file with chain, key file)."""
-        self.count += 1
-        now = datetime.datetime.now(datetime.UTC)
-        leaf = self.ca.issue_cert(name, not_before=now - datetime.timedelta(days=1),
-                                  not_after=now + datetime.timedelta(days=days))
-        cert, key = self.root / f"cert{self.count}.pem", self.root / f"key{self.count}.pem"
-        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-        key.write_bytes(leaf.private_key_pem.bytes())
-        return cert, key
-
-    def client(self, **options) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        self.ca.configure_trust(context)
-        for name, value in options.items():
-            setattr(context, name, value)
-        return context
 
 
 @pytest.fixture
