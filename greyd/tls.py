@@ -78,6 +78,9 @@ def load(tls_config) -> Certificate | None:
     context.minimum_version = _VERSIONS[tls_config.min_version]
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    # An end of stream without close_notify ends the reading only: greyd can
+    # still say its 421 when a stop cuts an idle session's reads short.
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     if tls_config.ciphers:
         try:
             context.set_ciphers(tls_config.ciphers)
