@@ -67,6 +67,7 @@ def reference_missing() -> str:
 
 
 def postfix_version() -> str:
+    """Postfix's version, as its postconf tells it ("?" when it cannot)."""
     if not tool("postconf"):
         return "?"
     status, out, _, _ = run_bounded([tool("postconf"), "-d", "-h", "mail_version"], 10)
@@ -75,6 +76,8 @@ def postfix_version() -> str:
 
 def tls_section(args, procs: Processes, workdir: Path, report: Report,
                 rng: random.Random) -> None:
+    """The tls section: greyd and (where they can run) Postfix + postgrey started,
+    measured in turn plaintext and over STARTTLS, stopped; then the table."""
     certificate = make_certificate(workdir / "certificate")
     context = client_context()
     plain = smtp_source_run if args.client == "postfix" else python_run
