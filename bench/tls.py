@@ -54,6 +54,7 @@ class Way:
     client_name: str
     targeted: bool = False                           # its ratio has the TLS target
     runs: dict = field(default_factory=dict)         # contender name -> [Run]
+    server_cpu: dict = field(default_factory=dict)   # contender name -> [CPU s of the server]
     client_cpu: dict = field(default_factory=dict)   # contender name -> [CPU s of the client]
 
 
@@ -145,7 +146,8 @@ def measure(args, report: Report, rng: random.Random, contenders: list[Contender
     limit = max(60.0, args.sessions / 20)
     for way in ways:
         for contender in contenders:
-            way.runs[contender.name], way.client_cpu[contender.name] = [], []
+            for kept in (way.runs, way.server_cpu, way.client_cpu):
+                kept[contender.name] = []
             way.client(contender.port, "deferred", CONCURRENCY, min(args.sessions, 200),
                        f"warm-{token(rng)}@{SENDER_DOMAIN}", limit)
     for number in range(args.runs):
@@ -156,7 +158,7 @@ def measure(args, report: Report, rng: random.Random, contenders: list[Contender
                 server, client = contender.cpu(), time.process_time()
                 run = way.client(contender.port, "deferred", CONCURRENCY, args.sessions,
                                  sender, limit)
-                run.greyd_cpu = contender.cpu() - server
+                way.server_cpu[contender.name].append(contender.cpu() - server)
                 way.client_cpu[contender.name].append(time.process_time() - client)
                 way.runs[contender.name].append(run)
                 if run.errors:
@@ -201,9 +203,9 @@ def way_rows(way: Way, report: Report, data: list) -> list[list[str]]:
     by run; `data` gets the way's JSON entry."""
     figures = {"deferred sessions/s": {name: [run.rate for run in runs]
                                        for name, runs in way.runs.items()},
-               "server CPU ms per session": {name: [run.greyd_cpu / run.sessions * 1000
-                                                    for run in runs]
-                                             for name, runs in way.runs.items()}}
+               "server CPU ms per session": {
+                   name: [cpu / run.sessions * 1000 for cpu, run in zip(way.server_cpu[name], runs)]
+                   for name, runs in way.runs.items()}}
     if way.client_name == "python":
         figures["client CPU ms per session"] = {
             name: [cpu / run.sessions * 1000 for cpu, run in zip(way.client_cpu[name], runs)]
