@@ -69,6 +69,11 @@ def one_line_error(result, status: int = 1) -> str:
 # -- normalizers (pure) -------------------------------------------------------------
 
 VALID = [
+    ("hostname", "B\u00fccher.example", "xn--bcher-kva.example"),   # either form: one entry
+    ("hostname", ".b\u00fccher.example", ".xn--bcher-kva.example"),
+    ("recipient", "@B\u00dcCHER.example", "@xn--bcher-kva.example"),
+    ("recipient", "J\u00fcrgen@b\u00fccher.example", "j\u00fcrgen@xn--bcher-kva.example"),
+    ("sender", "ju\u0308rgen@bu\u0308cher.example", "j\u00fcrgen@xn--bcher-kva.example"),  # NFC
     ("client", "127.0.0.1", "127.0.0.1/32"),
     ("client", " 192.0.2.7/24 ", "192.0.2.0/24"),
     ("client", "192.0.2.0/255.255.255.0", "192.0.2.0/24"),
@@ -113,7 +118,10 @@ INVALID = [
     ("hostname", "x" * 64 + ".example", "not a valid domain name"),
     ("hostname", "mx.example.com:25", "not a valid domain name"),
     ("hostname", "192.0.2.1", "use --client"),
-    ("hostname", "bücher.example", "xn--"),
+    ("hostname", "\uff42\u00fccher.example", "looks like another"),    # fullwidth b
+    ("hostname", "mx.\u212aamaelia.org", "looks like another"),          # KELVIN SIGN
+    ("recipient", "@\uff4cocalhost", "looks like another"),              # fullwidth l
+    ("sender", "alice@b\u00fccher..example", "not a valid"),
     ("hostname", "mx.example.com\x1b[2J", "unprintable"),
     ("sender", "a@b@c", "expected user@domain"),
     ("sender", "example.com", "write @domain"),
@@ -125,6 +133,7 @@ INVALID = [
     ("sender", "alice@192.0.2.1", "not a name"),
     ("sender", ".alice@example.com", "not a plain local part"),
     ("sender", "x" * 65 + "@example.com", "longer than 64"),
+    ("sender", "\u00e9" * 33 + "@example.com", "longer than 64"),        # 66 octets
     ("recipient", "bob\n@localhost", "unprintable"),
     ("recipient", "bob\udcff@localhost", "not valid UTF-8"),   # a byte 0xff, surrogate-escaped
 ]
