@@ -258,6 +258,7 @@ class Daemon:
 
     def start(self) -> None:
         self.ctx.greylister.start()
+        self.ctx.upstream.refresh()       # SMTPUTF8, DSN: waits a moment, never long
         for listener in self.listeners:
             listener.serve()
         logger.info("listening %s", log.fields(
@@ -286,8 +287,12 @@ class Daemon:
         """Serve new sessions with `config`; open sessions keep theirs (SIGHUP)."""
         old = self.ctx
         lookup = old.lookup if config.dns == old.config.dns else None
+        same_upstream = (config.upstream, config.server.hostname) == (
+            old.config.upstream, old.config.server.hostname)
         self.ctx = Context(config, old.greylister.reconfigured(config), lookup=lookup,
-                           stopping=old.stopping, under_pressure=self.admission.under_pressure)
+                           stopping=old.stopping, under_pressure=self.admission.under_pressure,
+                           upstream=old.upstream if same_upstream else None)
+        self.ctx.upstream.refresh()       # learnt again; the same upstream keeps what it knew
         if lookup is None:
             old.lookup.close()    # its sessions' lookups under way still finish
         for listener in self.listeners:

@@ -87,9 +87,10 @@ class WireTap:
                 pass
 
     def streams(self) -> list[bytes]:
-        """What greyd sent upstream, one byte string per connection."""
+        """What greyd sent upstream, one byte string per connection; its probes of
+        the upstream's keywords (EHLO, then QUIT: nothing else) left out."""
         with self._lock:
-            return [bytes(stream) for stream in self._streams]
+            return [bytes(stream) for stream in self._streams if not _PROBE.fullmatch(stream)]
 
     def close(self) -> None:
         try:
@@ -100,6 +101,9 @@ class WireTap:
         with self._lock:
             for sock in self._sockets:
                 sock.close()
+
+
+_PROBE = re.compile(rb"EHLO [!-~]+\r\nQUIT\r\n", re.I)   # greyd.upstream learning keywords
 
 
 @pytest.fixture

@@ -328,6 +328,26 @@ def test_adding_twice_is_not_an_error_and_updates_the_comment(config):
     assert (entry["value"], entry["comment"]) == ("@example.org", "partner, renewed")
 
 
+def test_either_form_of_an_idn_is_one_entry_and_explain_reads_both(tmp_path):
+    config = write_config(tmp_path, 10025, relay={"domains": ["b\u00fccher.example"]})
+    first = run(config, "add", "--recipient", "@B\u00fcCHER.example")
+    assert first.returncode == 0 and first.stdout == (
+        "added: recipient @xn--bcher-kva.example (given as @B\u00fcCHER.example)\n")
+    again = run(config, "add", "--recipient", "@xn--bcher-kva.example")
+    assert again.stdout.startswith("already present"), again.stdout
+    [entry] = listed(config)
+    assert entry["value"] == "@xn--bcher-kva.example"
+    for recipient in ("bob@b\u00fccher.example", "bob@xn--bcher-kva.example",
+                      "bob@bu\u0308cher.example"):
+        report = explain(config, recipient=recipient)
+        assert (report["action"], report["reason"]) == (
+            "accept", "whitelist:@xn--bcher-kva.example"), recipient
+    for look_alike in ("bob@\uff42\u00fccher.example", "bob@b\u00fccher.example.evil.example"):
+        report = explain(config, recipient=look_alike)
+        assert (report["action"], report["reason"]) == ("reject", "relay-denied"), look_alike
+    assert run(config, "add", "--recipient", "@\uff42\u00fccher.example").returncode == 1
+
+
 def test_removing_an_absent_entry_says_so_and_exits_1(config):
     result = run(config, "remove", "--client", "192.0.2.9")
     assert one_line_error(result) == "greyd: not in the whitelist: client 192.0.2.9/32 (given as 192.0.2.9)"
