@@ -34,7 +34,8 @@ _LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
 _MAILBOX = re.compile(rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})")
 _ROUTE = re.compile(rf"@(?:{_DOMAIN}|{_LITERAL})(?:,@(?:{_DOMAIN}|{_LITERAL}))*:")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e" + _UTF8 + "]+")   # RFC 6531 3.3 esmtp-value
+_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
+_UTF8_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e" + _UTF8 + "]+")   # RFC 6531 3.3 esmtp-value
 _ENCODED_WORD = re.compile(r"=\?[^?]*\?[^?]*\?[^?]*\?=")   # RFC 2047 2
 
 MAX_LOCAL = 64     # RFC 5321 4.5.3.1.1
@@ -65,8 +66,11 @@ class MailParams(NamedTuple):
     dsn: tuple[str, ...] = ()
 
 
-def parse(arg: str, keyword: str, *, null_ok: bool, bad: Reply) -> Path:
-    """Parse 'FROM:<a@b> SIZE=10' (keyword 'FROM') or 'TO:<...>' into a Path."""
+def parse(arg: str, keyword: str, *, null_ok: bool, bad: Reply,
+          utf8_values: bool = False) -> Path:
+    """Parse 'FROM:<a@b> SIZE=10' (keyword 'FROM') or 'TO:<...>' into a Path;
+    parameter values may hold UTF-8 only with `utf8_values` (an RCPT in a
+    transaction that declared SMTPUTF8: RFC 6533's ORCPT=utf-8;...)."""
     head, sep, rest = arg.partition(":")
     if not sep or not head.isascii() or head.strip().upper() != keyword:
         raise PathError(replies.SYNTAX)
@@ -77,7 +81,7 @@ def parse(arg: str, keyword: str, *, null_ok: bool, bad: Reply) -> Path:
     if end < 0:
         raise PathError(bad)
     address = _mailbox(rest[1:end], null_ok=null_ok, bad=bad)
-    return Path(address, parse_params(rest[end + 1:]))
+    return Path(address, parse_params(rest[end + 1:], utf8_values))
 
 
 def _closing_bracket(text: str) -> int:
@@ -123,14 +127,16 @@ def _octets(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
 
 
-def parse_params(text: str) -> dict[str, str | None]:
-    """ESMTP parameters 'KEY=VALUE KEY' into {KEY: VALUE or None}; keys upper-cased."""
+def parse_params(text: str, utf8_values: bool = False) -> dict[str, str | None]:
+    """ESMTP parameters 'KEY=VALUE KEY' into {KEY: VALUE or None}; keys upper-cased;
+    values ASCII unless `utf8_values` (RFC 6531 3.3), and printable."""
+    value_form = _UTF8_VALUE if utf8_values else _VALUE
     params: dict[str, str | None] = {}
     if text and not text.startswith(" "):
         raise PathError(replies.BAD_PARAMETER)
     for word in filter(None, text.split(" ")):
         key, eq, value = word.partition("=")
-        if (not _KEYWORD.fullmatch(key) or (eq and not _VALUE.fullmatch(value))
+        if (not _KEYWORD.fullmatch(key) or (eq and not value_form.fullmatch(value))
                 or not (value.isascii() or value.isprintable())):
             raise PathError(replies.BAD_PARAMETER)
         if key.upper() in params:
@@ -144,9 +150,10 @@ def mail_params(params: dict[str, str | None], offered: tuple[str, ...] = ()) ->
     (SMTPUTF8, DSN's RET= and ENVID=); any other is refused (555 5.5.4)."""
     size, body, smtputf8, dsn = None, None, False, []
     for key, value in params.items():
-        if key == "SIZE" and value and value.isdigit() and len(value) <= 20:
+        if key == "SIZE" and value and value.isascii() and value.isdigit() and len(value) <= 20:
             size = int(value)
-        elif key == "BODY" and value and value.upper() in ("7BIT", "8BITMIME"):
+        elif key == "BODY" and value and value.upper() in ("7BIT", "8BITMIME") \
+                and value.isascii():
             body = value.upper()
         elif key in ("SIZE", "BODY"):
             raise PathError(replies.BAD_PARAMETER)
@@ -206,6 +213,8 @@ def _envid(value: str) -> bool:
 
 
 def _notify(value: str) -> bool:
+    if not value.isascii():
+        return False                    # "ſuccess".upper() is "SUCCESS"
     words = value.upper().split(",")
     if words == ["NEVER"]:
         return True
@@ -231,4 +240,5 @@ def _scalar(hexpoint: str) -> bool:
     return 0x80 <= point <= 0x10FFFF and not 0xD800 <= point <= 0xDFFF
 
 
-_DSN_MAIL = {"RET": lambda value: value.upper() in ("FULL", "HDRS"), "ENVID": _envid}
+_DSN_MAIL = {"RET": lambda value: value.isascii() and value.upper() in ("FULL", "HDRS"),
+             "ENVID": _envid}

@@ -224,7 +224,8 @@ class Session:
         if envelope is None:
             return replies.NEED_MAIL
         try:
-            path = parse(arg, "TO", null_ok=False, bad=replies.BAD_RECIPIENT)
+            path = parse(arg, "TO", null_ok=False, bad=replies.BAD_RECIPIENT,
+                         utf8_values=envelope.smtputf8)
             if path.params and not self.esmtp:
                 return replies.UNKNOWN_PARAMETER
             dsn = rcpt_params(path.params, self.extensions, envelope.smtputf8)

@@ -267,7 +267,7 @@ def mail_error(params, offered=BOTH):
 
 def rcpt_error(params, offered=BOTH, smtputf8=False):
     with pytest.raises(PathError) as caught:
-        rcpt_params(parse_params(params), offered, smtputf8)
+        rcpt_params(parse_params(params, utf8_values=True), offered, smtputf8)
     return caught.value.reply
 
 
@@ -291,6 +291,7 @@ def test_extension_parameters_not_offered_stay_unsupported(params, offered):
     " ENVID=a+00b",                             # decodes to a NUL: not printable
     " ENVID=" + "x" * 101, " ENVID=" + "+41" * 101,   # over 100 characters once decoded
     " ENVID=caf\u00e9",                          # xtext is ASCII
+    " RET=hdr\u017f",                            # long s: "hdrſ".upper() is "HDRS"
 ])
 def test_bad_ret_and_envid_are_501_5_5_4(params):
     reply = mail_error(params)
@@ -308,8 +309,28 @@ def test_smtputf8_takes_no_value():
     assert mail_error(" SMTPUTF8=yes") == replies.BAD_PARAMETER
 
 
+def test_utf8_values_only_when_asked_for():
+    assert parse_params(" ORCPT=utf-8;j\u00fcrgen@b.example", utf8_values=True) == {
+        "ORCPT": "utf-8;j\u00fcrgen@b.example"}
+    assert error_of(rcpt, "TO:<a@b.example> ORCPT=utf-8;j\u00fcrgen@b.example") == \
+        replies.BAD_PARAMETER
+    with pytest.raises(PathError) as caught:
+        parse_params(" X=\u2028", utf8_values=True)                  # unprintable
+    assert caught.value.reply == replies.BAD_PARAMETER
+
+
 def test_a_utf8_value_is_read_but_body_knows_no_such_type():
-    assert mail_error(" BODY=8BITMIM\u00c9") == replies.BAD_PARAMETER
+    with pytest.raises(PathError) as caught:
+        mail_params(parse_params(" BODY=8BITMIM\u00c9", utf8_values=True), BOTH)
+    assert caught.value.reply == replies.BAD_PARAMETER
+    assert mail_error(" BODY=8bitm\u0131me") == replies.BAD_PARAMETER   # dotless i: "I"
+
+
+def test_size_is_ascii_digits_only():
+    for value in ("\uff11", "\u0661\u0662"):         # fullwidth 1, Arabic-Indic 12: isdigit()
+        with pytest.raises(PathError) as caught:
+            mail_params(parse_params(" SIZE=" + value, utf8_values=True), BOTH)
+        assert caught.value.reply == replies.BAD_PARAMETER
 
 
 @pytest.mark.parametrize("params", [
@@ -325,7 +346,7 @@ def test_good_notify_and_orcpt_are_kept_as_written(params):
 
 @pytest.mark.parametrize("params", [
     " NOTIFY=NEVER,SUCCESS", " NOTIFY=SUCCESS,SUCCESS", " NOTIFY=ALWAYS", " NOTIFY=", " NOTIFY",
-    " NOTIFY=SUCCESS,", " ORCPT=bob@example.org", " ORCPT=rfc822;", " ORCPT=;bob@example.org",
+    " NOTIFY=SUCCESS,", " NOTIFY=\u017fuccess", " ORCPT=bob@example.org", " ORCPT=rfc822;", " ORCPT=;bob@example.org",
     " ORCPT=rfc822;bob+2@example.org", " ORCPT=rfc822;bob+0Aevil@example.org",
     " ORCPT=rfc822;" + "b" * 490 + "@example.org",
     " ORCPT=rfc822;j\u00fcrgen@example.org",       # raw UTF-8 is not xtext
@@ -342,7 +363,7 @@ def test_bad_notify_and_orcpt_are_501_5_5_4(params):
 
 
 def test_orcpt_utf8_unitext_under_smtputf8():
-    params = parse_params(" ORCPT=utf-8;j\u00fcrgen@b\u00fccher.example")
+    params = parse_params(" ORCPT=utf-8;j\u00fcrgen@b\u00fccher.example", utf8_values=True)
     assert rcpt_params(params, BOTH, smtputf8=True) == (
         "ORCPT=utf-8;j\u00fcrgen@b\u00fccher.example",)
 
