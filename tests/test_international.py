@@ -8,16 +8,18 @@ greylist delays. Nothing is mocked.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from conftest import write_config
-from greyd import config as configuration, replies
+from greyd import config as configuration, maintenance, replies
 from greyd.greylist import Greylister
 from greyd.server import Daemon
 from greyd.smtp import Context
 from greyd.upstream import RETRY, Capabilities
 from smtpclient import R, Raw
-from upstream import Upstream
+from upstream import SilentServer, Upstream
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -309,3 +311,27 @@ def test_dsn_lengthens_rcpt_and_mail_lines_only_when_offered(start_greyd, intl, 
         assert c.cmd(mail) == R(replies.LINE_TOO_LONG)
         assert c.cmd("MAIL FROM:<a@example.net>") == R(replies.SENDER_OK)
         assert c.cmd(rcpt) == R(replies.LINE_TOO_LONG)
+
+
+# -- the pieces ---------------------------------------------------------------------------
+
+def test_a_black_holed_upstream_never_holds_the_start(logs):
+    with SilentServer() as silent:
+        capabilities = Capabilities("127.0.0.1", silent.port, timeout=1, local_hostname="mx")
+        started = time.monotonic()
+        capabilities.refresh(wait=0.2)
+        assert time.monotonic() - started < 0.9
+        assert capabilities.known is None and capabilities.offered() == ()
+        logs.wait_for("upstream capabilities not learnt .*offers=unknown")
+        capabilities.update(["SIZE", "dsn", "8BITMIME"])          # as a relay reports them
+        assert capabilities.offered() == ("DSN",)
+        capabilities.refresh(wait=2)                              # a failed probe: kept as known
+        assert capabilities.offered() == ("DSN",)
+
+
+def test_triplets_filters_take_either_form_of_a_domain():
+    for typed in ("@BÜCHER.example", "@xn--bcher-kva.example", "@bu\u0308cher.example"):
+        where = maintenance.triplet_filter(recipient=typed)
+        assert list(where.params.values()) == ["%@xn--bcher-kva.example"], typed
+    where = maintenance.triplet_filter(sender="Jürgen+news@BÜCHER.example")
+    assert "jürgen@xn--bcher-kva.example" in where.params.values()
