@@ -18,6 +18,7 @@ from greyd.greylist import Greylister
 from greyd.server import Daemon
 from greyd.smtp import Context
 from greyd.upstream import RETRY, Capabilities
+from greyd.values import ConfigError
 from smtpclient import R, Raw
 from upstream import SilentServer, Upstream
 
@@ -335,3 +336,18 @@ def test_triplets_filters_take_either_form_of_a_domain():
         assert list(where.params.values()) == ["%@xn--bcher-kva.example"], typed
     where = maintenance.triplet_filter(sender="Jürgen+news@BÜCHER.example")
     assert "jürgen@xn--bcher-kva.example" in where.params.values()
+
+
+@pytest.mark.parametrize("domain", ["\uff4cocalhost", "\u212aamaelia.org", "b\u00fccher..example",
+                                    ".\uff42\u00fccher.example"])
+def test_a_look_alike_or_invalid_relay_domain_stops_the_start(tmp_path, domain):
+    path = write_config(tmp_path, 10025, relay={"domains": ["localhost", domain]})
+    with pytest.raises(ConfigError, match=r"^relay\.domains: each entry must be a domain name"):
+        configuration.load(path)
+
+
+def test_relay_domains_take_either_form_and_keep_the_a_label(tmp_path):
+    path = write_config(tmp_path, 10025, relay={"domains": [
+        "B\u00dcCHER.example", ".bu\u0308cher.example", "xn--bcher-kva.example."]})
+    assert configuration.load(path).relay.domains == (
+        "xn--bcher-kva.example", ".xn--bcher-kva.example", "xn--bcher-kva.example")
