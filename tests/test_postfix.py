@@ -1,0 +1,119 @@
+"""greyd between two real Postfix instances: a sending Postfix relays everything
+to greyd from 127.0.0.2, greyd relays to an upstream Postfix that trusts its
+XCLIENT (bench/postfix.py builds both as private instances on loopback).
+
+Shown end to end, as an MX on the Internet meets greyd: greylisting and the
+sender's retry, the real client reaching the upstream through XCLIENT, the
+upstream's refusal of one recipient reaching the sender as that recipient's
+own 5xx, and an upstream outage as a 4xx the sender retries until the mail
+is delivered. Skipped where Postfix is not installed or we are not root.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bench import postfix
+from conftest import until
+from upstream import free_port
+
+pytestmark = [
+    pytest.mark.skipif(bool(postfix.unavailable()), reason=postfix.unavailable() or "-"),
+    pytest.mark.timeout(60),
+]
+
+CLIENT = "127.0.0.2"                      # the sending Postfix's address, not greyd's
+SENDER = "alice@sender.test"
+BOB, CAROL, DAVE = "bob@example.org", "carol@example.org", "dave@example.org"
+DAVE_REFUSED = "550 5.1.1 dave has left the building"
+GREYLISTED = r"said: 451 4\.7\.1 Greylisted"
+
+
+def message(subject: str) -> str:
+    return f"From: <{SENDER}>\nTo: <{BOB}>\nSubject: {subject}\n\nHello through greyd.\n"
+
+
+@pytest.fixture
+def clock():
+    """Real time for greyd (conftest's start_greyd takes this): Postfix retries by it."""
+    return time.time
+
+
+@pytest.fixture
+def mta():
+    """The upstream Postfix behind greyd, started; removed at teardown."""
+    instance = postfix.upstream(free_port(), mailboxes=[BOB, CAROL],
+                                reject={DAVE: DAVE_REFUSED})
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.remove()
+
+
+@pytest.fixture
+def proxy(start_greyd, mta):
+    """greyd in front of the upstream Postfix, greylisting for one second."""
+    return start_greyd(mta.smtpd[1], greylist={"delay": "1s"})
+
+
+@pytest.fixture
+def sender(proxy):
+    """The sending Postfix relaying to greyd from 127.0.0.2, retrying every 1-2 s."""
+    instance = postfix.sending(proxy.port, bind=CLIENT, mailboxes=[SENDER])
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.remove()
+
+
+def test_delivered_after_greylisting_with_the_real_client(proxy, mta, sender):
+    sender.sendmail(SENDER, [BOB], message("greylisted once"))
+
+    deferred = sender.wait_log(rf"to=<{BOB}>.*status=deferred.*{GREYLISTED}")
+    delivered = mta.wait_messages(BOB)
+    sent = sender.wait_log(rf"to=<{BOB}>.*status=sent \(250 ")
+    assert len(deferred) >= 1 and len(sent) == 1 and len(delivered) == 1
+    assert "in reply to RCPT TO command" in deferred[0]
+    # The upstream saw the sending Postfix, not greyd's 127.0.0.1, through XCLIENT.
+    received = delivered[0].message.get_all("Received")[0]
+    assert "by upstream.test" in received and f"[{CLIENT}]" in received, received
+    assert mta.log_lines(rf"client=\S*\[{CLIENT}\]"), mta.tail()
+    assert delivered[0].message["Subject"] == "greylisted once"
+
+
+def test_upstream_refusal_reaches_the_sender_per_recipient(proxy, mta, sender):
+    proxy.whitelist(value=f"{CLIENT}/32")     # straight to the upstream
+    sender.sendmail(SENDER, [BOB, DAVE], message("two recipients"))
+
+    bounced = sender.wait_log(rf"to=<{DAVE}>.*status=bounced")
+    assert (f"said: 550 5.1.1 <{DAVE}>: Recipient address rejected: dave has left the "
+            "building") in bounced[0], bounced[0]
+    assert "in reply to RCPT TO command" in bounced[0]
+    assert sender.wait_log(rf"to=<{BOB}>.*status=sent")
+    assert len(mta.wait_messages(BOB)) == 1
+    # The bounce reaches the envelope sender with the upstream's own words.
+    report = sender.wait_messages(SENDER)[0].raw.decode(errors="replace")
+    assert "dave has left the building" in report and f"<{DAVE}>" in report
+    assert "Status: 5.1.1" in report
+
+
+def test_upstream_outage_is_retried_until_delivered(proxy, mta, sender):
+    proxy.whitelist(value=f"{CLIENT}/32")
+    mta.stop()
+    assert not mta.running()
+    sender.sendmail(SENDER, [BOB], message("after the outage"))
+
+    outage = sender.wait_log(rf"to=<{BOB}>.*status=deferred.*said: 451 4\.4\.1", count=2)
+    assert "in reply to RCPT TO command" in outage[0]
+    assert not sender.log_lines(r"status=(bounced|sent)")
+    assert [entry["queue_name"] for entry in sender.queue()] == ["deferred"]
+
+    mta.start()
+    delivered = mta.wait_messages(BOB)
+    assert len(delivered) == 1 and delivered[0].message["Subject"] == "after the outage"
+    assert sender.wait_log(rf"to=<{BOB}>.*status=sent")
+    assert until(lambda: sender.queue() == [], 10), sender.queue()
