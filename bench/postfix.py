@@ -100,14 +100,16 @@ class Postfix:
     virtual_mailbox_domains; other addresses there get 550 5.1.1 User
     unknown). `reject`: address -> "5NN X.Y.Z text", answered at RCPT by an
     access table. `main`: main.cf settings over the defaults here; `master`:
-    extra master.cf lines. Use as a context manager, or call start(), stop()
-    and remove().
+    extra master.cf lines; `files`: name -> content, written into the config
+    directory before the start (certificates, tables), which main.cf can
+    name as "$config_directory/NAME". Use as a context manager, or call
+    start(), stop() and remove().
     """
 
     def __init__(self, name: str, *, smtpd: tuple[str, int] | None = None,
                  mailboxes: tuple[str, ...] | list[str] = (), reject: dict[str, str] | None = None,
                  main: dict[str, str] | None = None, master: tuple[str, ...] | list[str] = (),
-                 parent: str | Path | None = None):
+                 files: dict[str, str | bytes] | None = None, parent: str | Path | None = None):
         if smtpd is not None and not smtpd[0].startswith("127."):
             raise ValueError(f"smtpd must listen on loopback, not {smtpd[0]}")
         self.name = name
@@ -123,6 +125,7 @@ class Postfix:
         self.reject = dict(reject or {})
         self.main = {**self.default_main(), **(main or {})}
         self.master = list(master)
+        self.files = dict(files or {})
         self.pid: int | None = None
         self.write()
 
@@ -150,6 +153,9 @@ class Postfix:
             "smtpd_peername_lookup": "no",
             "smtp_host_lookup": "native",
             "delay_warning_time": "0",
+            # One line per TLS session ("... TLS connection established ..."), as tests read.
+            "smtp_tls_loglevel": "1",
+            "smtpd_tls_loglevel": "1",
         }
         domains = sorted({address.rpartition("@")[2] for address in self.mailboxes})
         if domains:
@@ -183,6 +189,12 @@ class Postfix:
             "".join(f"{address} {path}\n" for address, path in self.mailboxes.items()))
         (self.config_dir / "reject").write_text(
             "".join(f"{address} {action}\n" for address, action in self.reject.items()))
+        for name, content in self.files.items():
+            path = self.config_dir / name
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
 
     def postconf(self, *args: str) -> str:
         """`postconf -c DIR args...`: its standard output (e.g. postconf("-h", "relayhost"))."""
