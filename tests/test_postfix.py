@@ -42,15 +42,35 @@ def clock():
 
 
 @pytest.fixture
-def mta():
-    """The upstream Postfix behind greyd, started; removed at teardown."""
-    instance = postfix.upstream(free_port(), mailboxes=[BOB, CAROL],
-                                reject={DAVE: DAVE_REFUSED})
-    try:
+def started():
+    """started(instance) -> the Postfix instance, started; each removed at teardown."""
+    instances: list[postfix.Postfix] = []
+
+    def start(instance: postfix.Postfix) -> postfix.Postfix:
+        instances.append(instance)
         instance.start()
-        yield instance
-    finally:
+        return instance
+
+    yield start
+    for instance in reversed(instances):
         instance.remove()
+
+
+def upstream_mta(**main: str) -> postfix.Postfix:
+    """The upstream Postfix behind greyd: Maildirs for BOB and CAROL, DAVE refused."""
+    return postfix.upstream(free_port(), mailboxes=[BOB, CAROL], reject={DAVE: DAVE_REFUSED},
+                            main=main)
+
+
+def sending_mta(greyd_port: int, **kwargs) -> postfix.Postfix:
+    """The sending Postfix: relays to greyd from CLIENT, retries every 1-2 s; bounces
+    to SENDER land in its Maildir."""
+    return postfix.sending(greyd_port, bind=CLIENT, mailboxes=[SENDER], **kwargs)
+
+
+@pytest.fixture
+def mta(started):
+    return started(upstream_mta())
 
 
 @pytest.fixture
@@ -60,14 +80,8 @@ def proxy(start_greyd, mta):
 
 
 @pytest.fixture
-def sender(proxy):
-    """The sending Postfix relaying to greyd from 127.0.0.2, retrying every 1-2 s."""
-    instance = postfix.sending(proxy.port, bind=CLIENT, mailboxes=[SENDER])
-    try:
-        instance.start()
-        yield instance
-    finally:
-        instance.remove()
+def sender(started, proxy):
+    return started(sending_mta(proxy.port))
 
 
 def test_delivered_after_greylisting_with_the_real_client(proxy, mta, sender):
@@ -110,7 +124,7 @@ def test_upstream_outage_is_retried_until_delivered(proxy, mta, sender):
     outage = sender.wait_log(rf"to=<{BOB}>.*status=deferred.*said: 451 4\.4\.1", count=2)
     assert "in reply to RCPT TO command" in outage[0]
     assert not sender.log_lines(r"status=(bounced|sent)")
-    assert [entry["queue_name"] for entry in sender.queue()] == ["deferred"]
+    assert until(lambda: [entry["queue_name"] for entry in sender.queue()] == ["deferred"], 5)
 
     mta.start()
     delivered = mta.wait_messages(BOB)
