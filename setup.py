@@ -10,6 +10,7 @@ setup(
         "dnspython>=2.4",
         "sqlite-utils>=3.35",
         "click>=8.1",
+        "cryptography>=42",
     ],
     extras_require={
         "test": [

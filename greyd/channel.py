@@ -11,7 +11,9 @@ leaves, goes quiet past its deadline or stops reading ends the session:
 
 from __future__ import annotations
 
+import io
 import socket
+import ssl
 from typing import BinaryIO, Callable, NamedTuple
 
 from . import replies
@@ -20,11 +22,26 @@ from .replies import Reply
 COMMAND_LIMIT = 512              # RFC 5321 4.5.3.1.4, CRLF included
 MAIL_ALLOWANCE = 26 + 15         # RFC 1870 SIZE= and RFC 6152 BODY= (RFC 5321 4.5.3.1.4)
 CHUNK = 65536                    # bytes of a message line read at a time, at most
+READ_BUFFER = 16384              # the client's read buffer
 
 
 class Closed(Exception):
     """The session is over; the text is the session-end word (quit, timeout,
-    disconnect, shutdown, error)."""
+    disconnect, shutdown, error, tls-failed), `reason` what went wrong when
+    the log line should say more."""
+
+    def __init__(self, end: str, reason: str = ""):
+        super().__init__(end)
+        self.reason = reason
+
+
+def _why(error: OSError) -> str:
+    """A failed handshake in a word or two: OpenSSL's reason, or timeout, eof."""
+    if isinstance(error, socket.timeout):
+        return "timeout"
+    if isinstance(error, ssl.SSLEOFError):
+        return "eof"
+    return getattr(error, "reason", None) or error.strerror or type(error).__name__
 
 
 def _ended(error: OSError) -> Closed:
@@ -46,8 +63,21 @@ class Channel:
     `expect(seconds)` to set the deadline of the next read."""
 
     def __init__(self, rfile: BinaryIO, send: Callable[[bytes], None],
-                 expect: Callable[[float], None]):
-        self.rfile, self._send, self.expect = rfile, send, expect
+                 expect: Callable[[float], None],
+                 secure: Callable[[ssl.SSLContext, float], tuple[str, str, int]] | None = None):
+        self.rfile, self._send, self.expect, self._secure = rfile, send, expect, secure
+
+    def start_tls(self, context: ssl.SSLContext, timeout: float) -> tuple[str, str, int]:
+        """The TLS handshake (`secure`), bounded by `timeout`; the protocol
+        version, cipher and its bits. Whatever the client sent after the STARTTLS line
+        and before the handshake is thrown away unread, never taken as a
+        command (CVE-2011-0411). A failed handshake ends the session."""
+        raw = self.rfile.detach()           # with it goes the buffered plaintext
+        self.rfile = io.BufferedReader(raw, READ_BUFFER)
+        try:
+            return self._secure(context, timeout)
+        except OSError as error:
+            raise Closed("tls-failed", _why(error)) from None
 
     def send(self, reply: Reply) -> None:
         try:

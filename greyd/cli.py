@@ -15,7 +15,7 @@ import sys
 import click
 
 from . import __version__, policy, replies
-from .clitools import GreydError, echo_json, load_config, open_greylister, when
+from .clitools import GreydError, echo_json, load_certificate, load_config, open_greylister, when
 from .dns import Lookup
 from .ip import client_address
 from .storage import StoreError
@@ -42,8 +42,12 @@ def check(ctx: click.Context) -> None:
       greyd -c /etc/greyd/greyd.toml check
     """
     config = load_config(ctx)
+    certificate = load_certificate(config)
     click.echo(f"# config: {config.source or 'built-in defaults'}")
     click.echo(f"# root:   {config.root}")
+    if certificate is not None:
+        for line in certificate.describe():
+            click.echo(f"# tls {line}")
     for section, values in config.as_dict().items():
         click.echo(f"[{section}]")
         for key, value in values.items():

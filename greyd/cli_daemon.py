@@ -21,7 +21,7 @@ import click
 
 from . import config as configuration, log, values
 from .admission import SharedCounts
-from .clitools import GreydError, echo_json, load_config, when
+from .clitools import GreydError, echo_json, load_certificate, load_config, when
 from .daemonize import Pidfile, alive, batch_scheduling, detach, drop_privileges, lookup_user
 from .greylist import Greylister
 from .server import GRACE, Daemon
@@ -52,6 +52,7 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
       greyd start --foreground --listen 127.0.0.1:2525 --listen [::1]:2525
     """
     config = _with_listen(load_config(ctx), listen)
+    certificate = load_certificate(config)      # read as the user that starts greyd
     user = _user(config)
     pidfile = Pidfile(config.server.pidfile)
     running = pidfile.running()
@@ -68,7 +69,8 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
     daemons: list[Daemon] = []
     try:
         for _ in range(workers):
-            daemons.append(Daemon(Context(config, greylister), counts=counts))
+            daemons.append(Daemon(Context(config, greylister, tls=certificate),
+                                  counts=counts, first=not daemons))
             # The others bind where the first did (a port 0 is now a real one).
             config = _bound(config, daemons[0].addresses)
     except OSError as error:
@@ -324,9 +326,10 @@ def reload(ctx: click.Context) -> None:
     Example:
       greyd reload
     """
-    _, _, pid = _find_running(ctx)
+    config, _, pid = _find_running(ctx)
     if pid is None:
         raise GreydError("not running")
+    load_certificate(config)
     signal_process(pid, signal.SIGHUP)
     click.echo(f"greyd reloading (pid {pid})")
 

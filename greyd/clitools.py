@@ -17,11 +17,12 @@ from typing import Iterator
 
 import click
 
-from . import config as configuration
+from . import config as configuration, tls
 from .greylist import Greylister
 from .pool import StorePool
 from .storage import StoreError
 from .store import Store
+from .tls import Certificate
 from .values import ConfigError
 
 
@@ -30,6 +31,15 @@ class GreydError(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"greyd: {self.format_message()}", err=True)
+
+
+def load_certificate(config: configuration.Config) -> Certificate | None:
+    """STARTTLS's certificate as config.tls names it; a GreydError naming the
+    key when it cannot be served."""
+    try:
+        return tls.load(config.tls)
+    except tls.TlsError as error:
+        raise GreydError(str(error)) from None
 
 
 def load_config(ctx: click.Context) -> configuration.Config:

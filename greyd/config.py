@@ -81,6 +81,18 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """Inbound STARTTLS (RFC 3207); offered only when `cert` is set."""
+
+    cert: Path | None = _key(None, values.path(optional=True))
+    key: Path | None = _key(None, values.path(optional=True))
+    min_version: str = _key("TLSv1.2", values.choice("TLSv1.2", "TLSv1.3"))
+    ciphers: str = _key("", values.text(spaces=False))
+    handshake_timeout: float = _key(30, _TIMEOUT)
+    require: bool = _key(False, values.boolean)
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     domains: tuple[str, ...] = _key(("localhost",), values.array(values.domain))
     clients: tuple[Network, ...] = _key(
@@ -128,6 +140,7 @@ class Config:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
@@ -178,6 +191,12 @@ def _build(data: Mapping[str, Any]) -> Config:
         raise ConfigError("greylist.delay: must be shorter than greylist.retry_window")
     if greylist.max_age <= greylist.delay:
         raise ConfigError("greylist.max_age: must be longer than greylist.delay")
+    tls = config.tls
+    if (tls.cert is None) != (tls.key is None):
+        missing = "tls.key" if tls.key is None else "tls.cert"
+        raise ConfigError(f"{missing}: must be set with {'tls.cert' if tls.key is None else 'tls.key'}")
+    if tls.require and tls.cert is None:
+        raise ConfigError("tls.require: needs tls.cert and tls.key (STARTTLS is not offered)")
     return config
 
 
@@ -192,7 +211,9 @@ def _settle(config: Config, root: Path, source: Path | None) -> Config:
     log = dataclasses.replace(config.log, file=under_root(config.log.file),
                               debug_file=under_root(config.log.debug_file))
     database = dataclasses.replace(config.database, path=under_root(config.database.path))
-    return dataclasses.replace(config, server=server, log=log, database=database,
+    tls = dataclasses.replace(config.tls, cert=under_root(config.tls.cert),
+                              key=under_root(config.tls.key))
+    return dataclasses.replace(config, server=server, log=log, database=database, tls=tls,
                                root=root, source=source)
 
 

@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Callable
 
-from . import log, replies
+from . import log, replies, tls
 from .channel import Channel, Closed
 from .smtp import Session
 
@@ -36,12 +36,14 @@ class Dialogue:
     def __init__(self, session: Session, channel: Channel):
         self.session, self.channel = session, channel
         self.failed = False               # an unexpected exception happened
+        self.reason = ""                  # what ended it, when the end word is not enough
 
     def run(self) -> None:
         started = time.monotonic()
         try:
             self.converse()
         except Closed as closed:
+            self.reason = closed.reason
             self.closed(str(closed))
         finally:
             self.wrap_up(started)
@@ -57,12 +59,23 @@ class Dialogue:
             channel.expect(self.command_timeout())   # the whole command line
             line = channel.command()
             channel.send(self.guarded("command", session.handle, line))
-            if session.receiving:
+            if session.starting_tls:
+                self.guarded("tls", self.start_tls, can_go_on=False)
+            elif session.receiving:
                 session.receiving = False
                 server = session.config.server
                 received = self.guarded("message", channel.message, server.max_message_size,
                                         server.data_timeout, can_go_on=False)
                 channel.send(self.guarded("end of data", session.finish_data, received))
+
+    def start_tls(self) -> None:
+        """The handshake after STARTTLS's 220, bounded by tls.handshake_timeout
+        (cut short while connections are scarce); a failure ends the session."""
+        session = self.session
+        timeout = session.config.tls.handshake_timeout
+        if session.ctx.under_pressure():
+            timeout = min(timeout, STRESS_TIMEOUT)
+        session.secured(*self.channel.start_tls(session.ctx.tls.context, timeout))
 
     def guarded(self, phase: str, act: Callable, *args, can_go_on: bool = True):
         """`act(*args)` under the one guard (see the module text)."""
@@ -125,4 +138,6 @@ class Dialogue:
             id=session.id, client=session.client, name=session.client_name or "unknown",
             helo=session.helo, messages=session.messages, errors=session.errors,
             end="error" if self.failed else session.end,
+            **tls.session_fields(*(session.tls or (None, None))[:2]),
+            **({"error": self.reason} if self.reason else {}),
             seconds=f"{time.monotonic() - started:.3f}"))

@@ -31,13 +31,21 @@ def normalized(message: bytes, bare_newlines: str) -> bytes | None:
 
 def trace_headers(*, helo: str | None, name: str | None, client: str, hostname: str,
                   esmtp: bool, session: str, recipients: list[str], delayed: int,
-                  header: bool, now: float) -> bytes:
+                  header: bool, now: float, tls: tuple[str, str, int] | None = None,
+                  smtputf8: bool = False) -> bytes:
     """`Received:` (RFC 5321 4.4), and postgrey's `X-Greylist:` when a
-    recipient was delayed and greylist.header is on."""
+    recipient was delayed and greylist.header is on.
+
+    With TLS, the comment names the protocol and cipher as Postfix does, and
+    the protocol is ESMTPS (RFC 3848), UTF8SMTPS with SMTPUTF8 (RFC 6531).
+    """
     date = formatdate(now, localtime=True)
-    protocol = "ESMTP" if esmtp else "SMTP"
-    lines = [f"Received: from {helo} ({name or 'unknown'} [{client}])\r\n"
-             f"\tby {hostname} (greyd) with {protocol} id {session}"]
+    protocol = ("UTF8" if smtputf8 else "") + ("ESMTP" if esmtp else "SMTP") + ("S" if tls else "")
+    lines = [f"Received: from {helo} ({name or 'unknown'} [{client}])\r\n"]
+    if tls:
+        version, cipher, bits = tls
+        lines.append(f"\t(using {version} with cipher {cipher} ({bits}/{bits} bits))\r\n")
+    lines.append(f"\tby {hostname} (greyd) with {protocol} id {session}")
     if len(recipients) == 1:
         lines.append(f"\r\n\tfor <{recipients[0]}>")
     lines.append(f"; {date}\r\n")

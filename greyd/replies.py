@@ -94,6 +94,7 @@ def closing(hostname: str) -> Reply:
 
 
 OK = Reply.of(250, "2.0.0 OK")
+READY_TO_START_TLS = Reply.of(220, "2.0.0 Ready to start TLS")
 SENDER_OK = Reply.of(250, "2.1.0 Sender OK")
 RESET = Reply.of(250, "2.0.0 Reset state")
 START_DATA = Reply.of(354, "End data with <CR><LF>.<CR><LF>")
@@ -118,6 +119,9 @@ LINE_TOO_LONG = Reply.of(500, "5.5.6 Error: line too long")
 MESSAGE_TOO_BIG = Reply.of(552, "5.3.4 Error: message size exceeds fixed limit")
 BARE_NEWLINE = Reply.of(550, "5.5.2 Error: bare CR or LF in message text")
 RELAY_DENIED = Reply.of(550, "5.7.1 Relay access denied")
+MUST_STARTTLS = Reply.of(530, "5.7.0 Must issue a STARTTLS command first")
+TLS_ALREADY_ACTIVE = Reply.of(503, "5.5.1 Error: TLS already active")
+TLS_IN_TRANSACTION = Reply.of(503, "5.5.1 Error: MAIL transaction in progress")
 TOO_MANY_RECIPIENTS = Reply.of(452, "4.5.3 Error: too many recipients")
 
 UPSTREAM_AT_RCPT = Reply.of(451, "4.4.1 Upstream mail server unavailable, try again later")
@@ -136,6 +140,7 @@ _ERRORS = frozenset({
     NEED_HOSTNAME, NEED_HELO, NESTED_MAIL, NEED_MAIL, NEED_RCPT, BAD_CHARACTERS,
     SYNTAX, NO_ARGUMENT, BAD_SENDER, BAD_RECIPIENT, BAD_PARAMETER, UNKNOWN_PARAMETER,
     UNKNOWN_COMMAND, NOT_IMPLEMENTED, LINE_TOO_LONG, RELAY_DENIED,
+    MUST_STARTTLS, TLS_ALREADY_ACTIVE, TLS_IN_TRANSACTION,
 })
 
 

@@ -16,13 +16,14 @@ import io
 import logging
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
 
-from . import log
+from . import log, tls
 from .admission import Admission, LocalCounts, SharedCounts
-from .channel import Channel
+from .channel import READ_BUFFER, Channel
 from .dialogue import Dialogue
 from .ip import client_text
 from .smtp import Context, Session
@@ -30,7 +31,7 @@ from .values import format_hostport
 
 GRACE = 30.0           # seconds sessions may finish after a stop (SPEC §3)
 REFUSE_TIMEOUT = 2.0   # bound on writing a 421 to a refused connection
-READ_BUFFER = 16384
+TLS_CHUNK = 16709      # one TLS record at most (RFC 8446 5.2), read at a time
 IDLE_THREADS = 16      # threads waiting in accept() per listener after a burst; more exit
 IDLE_TIMEOUT = 2.0     # seconds a surplus waiting thread stays without a client
 ACCEPT_PAUSE = 0.05    # seconds before accept() is tried again after it failed
@@ -62,6 +63,7 @@ class Connection(io.RawIOBase):
         self.deadline = time.monotonic() + wake
         self.wake = wake
         self._armed = wake          # the receive timeout the kernel has now
+        self.tls: ssl.SSLObject | None = None   # after STARTTLS
 
     def readable(self) -> bool:
         return True
@@ -70,6 +72,11 @@ class Connection(io.RawIOBase):
         self.deadline = time.monotonic() + seconds
 
     def readinto(self, buffer) -> int:
+        if self.tls is not None:
+            return self._tls_readinto(buffer)
+        return self._recv_into(buffer)
+
+    def _recv_into(self, buffer) -> int:
         while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
@@ -84,10 +91,66 @@ class Connection(io.RawIOBase):
                 continue                # which may be before the deadline
 
     def send(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.write(data)
+            data = self._outgoing.read()
         try:
             self.sock.sendall(data)
         except BlockingIOError:     # EAGAIN: the client has not read for send_timeout
             raise socket.timeout("write timed out") from None
+
+    # -- TLS, through memory BIOs: the socket stays as it is, and so do the deadlines
+
+    def start_tls(self, context: ssl.SSLContext, timeout: float) -> tuple[str, str, int]:
+        """The server side of a TLS handshake, bounded by `timeout` as a whole;
+        then every read and write goes through it. Returns the protocol
+        version, the cipher and its secret bits; raises OSError
+        (ssl.SSLError, socket.timeout) when the handshake fails."""
+        incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, self._outgoing, server_side=True)
+        self._incoming = incoming
+        self.expect(timeout)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._feed()
+        self._flush()
+        self.tls = tls
+        name, _, bits = tls.cipher()
+        return tls.version(), name, bits
+
+    def _tls_readinto(self, buffer) -> int:
+        while True:
+            try:
+                count = self.tls.read(len(buffer), buffer)
+            except ssl.SSLWantReadError:
+                self._flush()                   # TLS 1.3 may answer, e.g. a key update
+                self._feed()
+                continue
+            except ssl.SSLZeroReturnError:      # close_notify: the end of the stream
+                return 0
+            self._flush()
+            return count
+
+    def _feed(self) -> None:
+        """Read what the client sent next (within the deadline) into the TLS engine."""
+        chunk = bytearray(TLS_CHUNK)
+        count = self._recv_into(chunk)
+        if count:
+            self._incoming.write(memoryview(chunk)[:count])
+        else:
+            self._incoming.write_eof()
+
+    def _flush(self) -> None:
+        data = self._outgoing.read()
+        if data:
+            try:
+                self.sock.sendall(data)
+            except BlockingIOError:
+                raise socket.timeout("write timed out") from None
 
 
 def _timeval(seconds: float) -> bytes:
@@ -102,10 +165,10 @@ class Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock = self.request
         conn = Connection(sock, IDLE_TIMEOUT)       # TCP_NODELAY and timeouts: its listener's
-        with io.BufferedReader(conn, READ_BUFFER) as rfile:
-            session = Session(self.server.ctx, client_text(self.client_address[0]))
-            self.server.admission.attach(sock, session)
-            Dialogue(session, Channel(rfile, conn.send, conn.expect)).run()
+        rfile = io.BufferedReader(conn, READ_BUFFER)
+        session = Session(self.server.ctx, client_text(self.client_address[0]))
+        self.server.admission.attach(sock, session)
+        Dialogue(session, Channel(rfile, conn.send, conn.expect, conn.start_tls)).run()
 
 
 class Listener(socketserver.ThreadingTCPServer):
@@ -235,11 +298,13 @@ class Daemon:
     """Every listener of one greyd process, started and stopped together."""
 
     def __init__(self, ctx: Context, grace: float = GRACE,
-                 counts: LocalCounts | SharedCounts | None = None):
+                 counts: LocalCounts | SharedCounts | None = None, first: bool = True):
         """`counts` shared with the other workers of a daemon (server.workers > 1),
-        whose listeners then share their addresses."""
+        whose listeners then share their addresses; only the `first` of them
+        watches the certificate's expiry."""
         server = ctx.config.server
         self.ctx, self.grace = ctx, grace
+        self.expiry = tls.ExpiryWatch(lambda: self.ctx.tls) if first else None
         self.admission = Admission(server.max_connections, server.max_connections_per_client,
                                    counts)
         ctx.under_pressure = self.admission.under_pressure
@@ -258,6 +323,7 @@ class Daemon:
 
     def start(self) -> None:
         self.ctx.greylister.start()
+        self._watch_expiry()
         for listener in self.listeners:
             listener.serve()
         logger.info("listening %s", log.fields(
@@ -276,7 +342,14 @@ class Daemon:
             self.admission.wait_idle(REFUSE_TIMEOUT)
         self.ctx.greylister.close()
         self.ctx.lookup.close()
+        if self.expiry is not None:
+            self.expiry.stop()
         logger.info("stopped")
+
+    def _watch_expiry(self) -> None:
+        """Once there is a certificate, its expiry is watched (a thread)."""
+        if self.expiry is not None and self.ctx.tls is not None:
+            self.expiry.start()
 
     def close(self) -> None:
         for listener in self.listeners:
@@ -286,13 +359,20 @@ class Daemon:
         """Serve new sessions with `config`; open sessions keep theirs (SIGHUP)."""
         old = self.ctx
         lookup = old.lookup if config.dns == old.config.dns else None
+        try:
+            certificate = tls.load(config.tls)      # a renewed one, read anew
+        except tls.TlsError as error:
+            logger.error("reload: keeping the running certificate %s", log.fields(error=error))
+            certificate = old.tls
         self.ctx = Context(config, old.greylister.reconfigured(config), lookup=lookup,
-                           stopping=old.stopping, under_pressure=self.admission.under_pressure)
+                           tls=certificate, stopping=old.stopping,
+                           under_pressure=self.admission.under_pressure)
         if lookup is None:
             old.lookup.close()    # its sessions' lookups under way still finish
         for listener in self.listeners:
             listener.ctx = self.ctx
             listener.set_socket_options()     # a new command_timeout, for new clients
+        self._watch_expiry()
         self.admission.max_connections = config.server.max_connections
         self.admission.per_client = config.server.max_connections_per_client
         if tuple(config.server.listen) != tuple(old.config.server.listen):

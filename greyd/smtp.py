@@ -20,15 +20,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import log, message, policy, replies
+from . import log, message, policy, replies, tls
 from .address import PathError, mail_params, parse
 from .channel import COMMAND_LIMIT, MAIL_ALLOWANCE, Received
 from .dns import ClientDNS, Lookup, Pending
 from .greylist import Greylister
 from .relay import Relay
 from .replies import Reply
+from .tls import Certificate
 
-UNSUPPORTED = {"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "STARTTLS", "AUTH"}
+UNSUPPORTED = {"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "AUTH"}
 JUNK = {"NOOP", "RSET", "VRFY", "HELP"}   # commands that move no mail
 JUNK_LIMIT = 100       # beyond it each junk command counts as an error (as Postfix does)
 
@@ -64,6 +65,8 @@ class Context:
     greylister: Greylister
     lookup: Lookup | None = None
     relay: type[Relay] = Relay
+    # STARTTLS's certificate (None: not offered); by default loaded from config.tls
+    tls: Certificate | None | object = tls.FROM_CONFIG
     stopping: threading.Event = field(default_factory=threading.Event)
     # True while connections are scarce; the server sets it (Postfix's "stress").
     under_pressure: Callable[[], bool] = field(default=lambda: False)
@@ -71,6 +74,8 @@ class Context:
     def __post_init__(self):
         if self.lookup is None:
             self.lookup = Lookup(self.config.dns)
+        if self.tls is tls.FROM_CONFIG:
+            self.tls = tls.load(self.config.tls)
 
 
 @dataclass
@@ -102,6 +107,8 @@ class Session:
         self.errors = self.junk = self.messages = 0
         self.end = "quit"                 # the session-end word
         self.receiving = False            # DATA said 354: the message comes next
+        self.starting_tls = False         # STARTTLS said 220: the handshake comes next
+        self.tls: tuple[str, str, int] | None = None   # (protocol, cipher, bits) once on
         self.done = False
 
     @property
@@ -178,13 +185,36 @@ class Session:
 
     def offered(self) -> tuple[str, ...]:
         """The EHLO extensions this session offers beyond the fixed ones."""
-        return ()
+        return ("STARTTLS",) if self.ctx.tls is not None and self.tls is None else ()
+
+    def smtp_STARTTLS(self, arg: str) -> Reply:
+        if self.ctx.tls is None:
+            return replies.NOT_IMPLEMENTED
+        if arg:
+            return replies.NO_ARGUMENT
+        if self.tls is not None:
+            return replies.TLS_ALREADY_ACTIVE
+        if self.envelope is not None:
+            return replies.TLS_IN_TRANSACTION
+        self.starting_tls = True
+        return replies.READY_TO_START_TLS
+
+    def secured(self, protocol: str, cipher: str, bits: int) -> None:
+        """The handshake is done: the session starts over (RFC 3207 4.2),
+        knowing nothing the client said before it, the HELO name included."""
+        self.starting_tls = False
+        self.tls = (protocol, cipher, bits)
+        self.helo, self.esmtp = None, False
+        self.abort_transaction()
 
     def smtp_MAIL(self, arg: str) -> Reply:
         if self.helo is None:
             return replies.NEED_HELO
         if self.envelope is not None:
             return replies.NESTED_MAIL
+        if self.tls is None and self.config.tls.require and not policy.is_trusted(
+                self.client, self.config.relay.clients):
+            return replies.MUST_STARTTLS
         try:
             path = parse(arg, "FROM", null_ok=True, bad=replies.BAD_SENDER)
             if path.params and not self.esmtp:
@@ -318,7 +348,8 @@ class Session:
             helo=self.helo, name=self.client_name, client=self.client,
             hostname=server.hostname, esmtp=self.esmtp, session=self.id,
             recipients=envelope.recipients, delayed=envelope.delayed,
-            header=self.config.greylist.header, now=self.greylister.clock())
+            header=self.config.greylist.header, now=self.greylister.clock(), tls=self.tls,
+            smtputf8=getattr(envelope, "smtputf8", False))
         reply = self.relay.data(trace + data)
         if reply.code == 250:
             self.messages += 1

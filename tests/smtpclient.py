@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import ssl
 
 from greyd.replies import Reply
 
@@ -86,6 +87,15 @@ class Raw:
             line = line.encode()
         self.send(line + b"\r\n")
         return self.reply()
+
+    def starttls(self, context: ssl.SSLContext, hostname: str = "mx.greyd.test") -> tuple[int, str]:
+        """STARTTLS, then the handshake when it was answered 220; its reply."""
+        reply = self.cmd("STARTTLS")
+        if reply[0] == 220:
+            self.file.close()
+            self.sock = context.wrap_socket(self.sock, server_hostname=hostname)
+            self.file = self.sock.makefile("rb")
+        return reply
 
     def closed(self) -> bool:
         """True when the server has closed the connection."""

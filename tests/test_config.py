@@ -549,7 +549,7 @@ def test_with_listen_rejects_bad_address(bad):
 def test_as_dict_is_json_with_the_config_keys():
     c = config.load(SAMPLE)
     settings = json.loads(json.dumps(c.as_dict()))
-    assert list(settings) == ["server", "upstream", "relay", "greylist", "dns", "log", "database"]
+    assert list(settings) == ["server", "upstream", "tls", "relay", "greylist", "dns", "log", "database"]
     for section, table in settings.items():
         fields = [f.name for f in dataclasses.fields(getattr(c, section))]
         assert list(table) == fields
