@@ -6,7 +6,8 @@ Shown end to end, as an MX on the Internet meets greyd: greylisting and the
 sender's retry, the real client reaching the upstream through XCLIENT, the
 upstream's refusal of one recipient reaching the sender as that recipient's
 own 5xx, and an upstream outage as a 4xx the sender retries until the mail
-is delivered. Skipped where Postfix is not installed or we are not root.
+is delivered; a sender that requires TLS delivers through greyd's STARTTLS.
+Skipped where Postfix is not installed or we are not root.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import trustme
 
 from bench import postfix
 from conftest import until
@@ -131,3 +133,43 @@ def test_upstream_outage_is_retried_until_delivered(proxy, mta, sender):
     assert len(delivered) == 1 and delivered[0].message["Subject"] == "after the outage"
     assert sender.wait_log(rf"to=<{BOB}>.*status=sent")
     assert until(lambda: sender.queue() == [], 10), sender.queue()
+
+
+# -- what an MX offers today (issue 14) ----------------------------------------------------
+
+@pytest.fixture
+def certificate(tmp_path) -> tuple[dict[str, str], bytes]:
+    """greyd's [tls] settings (a trustme certificate for its hostname), and the CA's PEM."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("mx.greyd.test")
+    cert, key = tmp_path / "greyd-cert.pem", tmp_path / "greyd-key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    return {"cert": str(cert), "key": str(key)}, ca.cert_pem.bytes()
+
+
+def test_tls_required_by_the_sender_after_greylisting(start_greyd, started, mta, certificate,
+                                                      logs):
+    tls, ca = certificate
+    proxy = start_greyd(mta.smtpd[1], greylist={"delay": "1s"}, tls=tls)
+    sender = started(sending_mta(proxy.port, files={"ca.pem": ca}, main={
+        "smtp_tls_security_level": "encrypt", "smtp_tls_CAfile": "$config_directory/ca.pem"}))
+    sender.sendmail(SENDER, [BOB], message("over TLS"))
+
+    deferred = sender.wait_log(rf"to=<{BOB}>.*status=deferred.*{GREYLISTED}")
+    delivered = mta.wait_messages(BOB)
+    sent = sender.wait_log(rf"to=<{BOB}>.*status=sent \(250 ")
+    assert len(deferred) >= 1 and len(sent) == 1 and len(delivered) == 1
+    # Every session was encrypted, with greyd's certificate (it chains to our CA).
+    sessions = sender.log_lines(rf"Trusted TLS connection established to "
+                                rf"127\.0\.0\.1\[127\.0\.0\.1\]:{proxy.port}: TLSv1\.[23] ")
+    assert len(sessions) >= 2, sender.tail()
+    assert not sender.log_lines("TLS is required, but")
+    # greyd saw as many sessions, each under TLS.
+    ends = until(lambda: len(logs.matching(rf"^session end .*client={CLIENT} ")) == len(sessions)
+                 and logs.matching(rf"^session end .*client={CLIENT} "), 5)
+    assert ends and all(" tls=TLSv1." in end for end in ends), logs.matching("^session end")
+    received = delivered[0].message.get_all("Received")
+    assert "by upstream.test" in received[0] and f"[{CLIENT}]" in received[0], received[0]
+    assert "by mx.greyd.test" in received[1] and "with ESMTPS" in received[1], received[1]
+    assert mta.log_lines(rf"client=\S*\[{CLIENT}\]"), mta.tail()
