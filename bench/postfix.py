@@ -195,6 +195,11 @@ class Postfix:
                 path.write_bytes(content)
             else:
                 path.write_text(content)
+        # Postfix rereads a main.cf or table changed within the last second or
+        # two ("being edited") every 300 ms until it is older: 2 s per start.
+        settled = time.time() - 10
+        for path in self.config_dir.iterdir():
+            os.utime(path, (settled, settled))
 
     def postconf(self, *args: str) -> str:
         """`postconf -c DIR args...`: its standard output (e.g. postconf("-h", "relayhost"))."""
