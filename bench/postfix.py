@@ -179,22 +179,25 @@ class Postfix:
         shutil.chown(self.data_dir, "postfix")
         shutil.chown(self.mail_dir, MAILBOX_OWNER)
         lines = [f"{key} = {value}" for key, value in self.main.items()]
-        (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n")
+        (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n", encoding="utf-8")
         master = MASTER_CF
         if self.smtpd:
             host, port = self.smtpd
             master = f"{host}:{port} inet n - n - - smtpd\n" + master
-        (self.config_dir / "master.cf").write_text(master + "".join(f"{line}\n" for line in self.master))
+        (self.config_dir / "master.cf").write_text(
+            master + "".join(f"{line}\n" for line in self.master), encoding="utf-8")
         (self.config_dir / "mailboxes").write_text(
-            "".join(f"{address} {path}\n" for address, path in self.mailboxes.items()))
+            "".join(f"{address} {path}\n" for address, path in self.mailboxes.items()),
+            encoding="utf-8")
         (self.config_dir / "reject").write_text(
-            "".join(f"{address} {action}\n" for address, action in self.reject.items()))
+            "".join(f"{address} {action}\n" for address, action in self.reject.items()),
+            encoding="utf-8")
         for name, content in self.files.items():
             path = self.config_dir / name
             if isinstance(content, bytes):
                 path.write_bytes(content)
             else:
-                path.write_text(content)
+                path.write_text(content, encoding="utf-8")
         # Postfix rereads a main.cf or table changed within the last second or
         # two ("being edited") every 300 ms until it is older: 2 s per start.
         settled = time.time() - 10
@@ -213,11 +216,12 @@ class Postfix:
         path = tool(name)
         if not path:
             raise BenchError(f"Postfix's {name} is not installed")
-        result = subprocess.run([path, *args], input=input, capture_output=True, timeout=timeout,
-                                text=not isinstance(input, bytes))
+        data = input.encode() if isinstance(input, str) else input
+        result = subprocess.run([path, *args], input=data, capture_output=True, timeout=timeout)
+        result.stdout, result.stderr = _text(result.stdout), _text(result.stderr)
         if check and result.returncode != 0:
             raise BenchError(f"{name} {' '.join(args)} exited {result.returncode}: "
-                             f"{_text(result.stderr).strip()}\n{self.tail()}")
+                             f"{result.stderr.strip()}\n{self.tail()}")
         return result
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
@@ -311,7 +315,7 @@ class Postfix:
     # -- the log ------------------------------------------------------------------------------
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        return self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
 
     def log_lines(self, pattern: str) -> list[str]:
         """The log lines that match the regular expression `pattern`."""
@@ -357,8 +361,8 @@ def upstream(port: int, *, name: str = "upstream", host: str = HOST,
                    main={**settings, **(main or {})}, **kwargs)
 
 
-def _text(value) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+def _text(value: bytes | None) -> str:
+    return (value or b"").decode("utf-8", errors="replace")
 
 
 def _wait(condition, timeout: float, step: float = 0.05) -> bool:
