@@ -13,6 +13,7 @@ import click
 
 from . import maintenance
 from .clitools import GreydError, echo_json, load_config, open_store, when
+from .storage import SESSION_KINDS
 
 DEFAULT_LIMIT = 100
 ACTION_LABELS = {"greylist": "deferred", "accept": "accepted", "reject": "relay-denied",
@@ -195,7 +196,8 @@ class _progressbar:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.pass_context
 def stats(ctx: click.Context, as_json: bool) -> None:
-    """Triplets, auto-whitelist, whitelist sizes and the decisions of the last hour and day.
+    """Triplets, auto-whitelist, whitelist sizes, and the decisions and sessions
+    (over TLS, in plaintext) of the last hour and day.
 
     Decisions are counted per clock hour: "last hour" is this hour and the
     one before, "last day" this hour and the 24 before (the output says
@@ -242,6 +244,10 @@ def _print_stats(report: dict) -> None:
             rows.append([f"    {reason}", hour["reasons"].get(action, {}).get(reason, 0),
                          reasons[reason]])
     rows.append(["  total", hour["total"], day["total"]])
+    hour, day = report["sessions"]["hour"], report["sessions"]["day"]
+    rows.append(["sessions", "", ""])
+    for kind in SESSION_KINDS:
+        rows.append([f"  {'over TLS' if kind == 'tls' else kind}", hour[kind], day[kind]])
     for name, *counts in rows:
         click.echo(f"{name:<28} {counts[0]:>10} {counts[1]:>10}")
     click.echo(f"(counted per clock hour: last hour since {when(hour['since'], zone=False)}, "

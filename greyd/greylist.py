@@ -65,6 +65,10 @@ class Greylister:
                               recorder=self.recorder, health=self.health)
         return Greylister(config, backend_for(config), clock=self.clock)
 
+    def count_session(self, tls: bool) -> None:
+        """Count an ended session, over TLS or not, for `greyd stats`."""
+        self.recorder.count_session("tls" if tls else "plaintext", self.clock())
+
     def start(self) -> None:
         """Start the recorder's writer thread now (else at the first verdict)."""
         self.recorder.start()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from . import policy
+from .storage import SESSION, SESSION_KINDS
 from .store import transaction
 from .whitelist import KINDS as WHITELIST_KINDS
 
@@ -294,7 +295,19 @@ def stats(conn: sqlite3.Connection, *, auto_whitelist_after: int, max_age: int,
         "whitelist": whitelist,
         "decisions": {"hour": decisions(conn, this_hour - 3600),
                       "day": decisions(conn, this_hour - 24 * 3600)},
+        "sessions": {"hour": sessions(conn, this_hour - 3600),
+                     "day": sessions(conn, this_hour - 24 * 3600)},
     }
+
+
+def sessions(conn: sqlite3.Connection, since: int) -> dict:
+    """Sessions ended from the hour `since` on, over TLS and in plaintext."""
+    counts = dict.fromkeys(SESSION_KINDS, 0)
+    for kind, count in conn.execute(
+            "SELECT reason, sum(count) FROM counters WHERE hour >= :since AND action = :action"
+            " GROUP BY reason", {"since": since, "action": SESSION}):
+        counts[kind] = count
+    return {"since": since, **counts}
 
 
 def decisions(conn: sqlite3.Connection, since: int) -> dict:
@@ -302,9 +315,10 @@ def decisions(conn: sqlite3.Connection, since: int) -> dict:
     actions = dict.fromkeys(ACTIONS, 0)
     reasons: dict[str, dict[str, int]] = {action: {} for action in ACTIONS}
     for action, reason, count in conn.execute(
-            "SELECT action, reason, sum(count) FROM counters WHERE hour >= :since"
+            "SELECT action, reason, sum(count) FROM counters"
+            " WHERE hour >= :since AND action != :session"
             " GROUP BY action, reason ORDER BY action, sum(count) DESC, reason",
-            {"since": since}):
+            {"since": since, "session": SESSION}):
         actions[action] = actions.get(action, 0) + count
         reasons.setdefault(action, {})[reason] = count
     return {"since": since, "total": sum(actions.values()), "actions": actions,

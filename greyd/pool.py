@@ -25,7 +25,7 @@ from typing import Sequence
 
 from . import log
 from .policy import Facts, Triplet
-from .storage import Decision, StoreError
+from .storage import Decision, Sessions, StoreError
 from .store import BUSY_TIMEOUT, Store
 
 KEEP = 32               # idle connections a process keeps for its sessions
@@ -118,9 +118,9 @@ class StorePool:
         """`with pool.facts(network, triplet) as facts:` on a borrowed connection."""
         return _Lease(self, (network, triplet))
 
-    def record(self, decisions: Sequence[Decision]) -> None:
+    def record(self, decisions: Sequence[Decision], sessions: Sessions = {}) -> None:
         with _Lease(self) as store:
-            store.record(decisions)
+            store.record(decisions, sessions)
 
     def close(self) -> None:
         """Close the idle connections; the next borrow looks at the path afresh."""

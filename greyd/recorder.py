@@ -34,7 +34,7 @@ import weakref
 from typing import Callable, Sequence
 
 from .policy import ACCEPT, Triplet, Verdict
-from .storage import Decision, StoreError, StoreHealth
+from .storage import Decision, Sessions, StoreError, StoreHealth
 
 GATHER = 0.02          # seconds the writer lets a lot gather once something is queued
 WAIT_LIMIT = 20.0       # seconds a session waits for a commit at most (4 busy timeouts)
@@ -44,7 +44,8 @@ class Recorder:
     """The queue of one process's verdicts, committed through `write`
     (a backend's `record`), which raises StoreError when it fails."""
 
-    def __init__(self, write: Callable[[Sequence[Decision]], None], health: StoreHealth):
+    def __init__(self, write: Callable[[Sequence[Decision], Sessions], None],
+                 health: StoreHealth):
         self.write, self.health = write, health
         self._reset()
         ref = weakref.ref(self)
@@ -60,6 +61,9 @@ class Recorder:
         self._queue: list[tuple[Decision, int, list | None]] = []
         self._queued = self._done = 0         # sequence numbers: last queued, last finished
         self._pending: dict = {}              # keys of queued verdicts (see _keys): how many
+        self._sessions: dict[tuple[int, str], int] = {}   # ended sessions to count
+        self._rounds = 0                      # commits finished (or failed) so far
+        self._busy = False                    # a lot is being committed
         self._thread: threading.Thread | None = None
 
     def record(self, decision: Decision) -> None:
@@ -83,6 +87,16 @@ class Recorder:
             if outcome[0] is not None:
                 raise outcome[0]
 
+    def count_session(self, kind: str, now: float) -> None:
+        """Count one ended session of `kind` (tls, plaintext) with the next commit."""
+        key = (int(now) - int(now) % 3600, kind)
+        with self._lock:
+            sessions = self._sessions
+            sessions[key] = sessions.get(key, 0) + 1
+            if not self._queue and len(sessions) == 1 and sessions[key] == 1:
+                self._work.notify()
+            self._start()
+
     def start(self) -> None:
         """Start the writer thread now (else it starts at the first verdict)."""
         with self._lock:
@@ -103,8 +117,13 @@ class Recorder:
             self._wait(self._queued)
 
     def flush(self) -> None:
-        """Wait until everything queued so far is committed (or has failed)."""
+        """Wait until everything queued so far is committed (or has failed),
+        the sessions counted included."""
         self._wait(self._queued)
+        with self._lock:
+            if self._sessions:
+                target = self._rounds + (2 if self._busy else 1)
+                self._written.wait_for(lambda: self._rounds >= target, WAIT_LIMIT)
 
     def _wait(self, number: int) -> bool:
         """Wait until verdict `number` is committed or failed; False after WAIT_LIMIT."""
@@ -114,12 +133,14 @@ class Recorder:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._queue:
+                while not self._queue and not self._sessions:
                     self._work.wait()
             time.sleep(GATHER)
             with self._lock:
                 lot, self._queue = self._queue, []
-            error = self._commit([decision for decision, _, _ in lot])
+                sessions, self._sessions = self._sessions, {}
+                self._busy = True
+            error = self._commit([decision for decision, _, _ in lot], sessions)
             with self._lock:
                 pending = self._pending
                 for decision, _, outcome in lot:
@@ -131,12 +152,15 @@ class Recorder:
                             pending[key] = left
                         else:
                             del pending[key]
-                self._done = lot[-1][1]
+                if lot:
+                    self._done = lot[-1][1]
+                self._rounds += 1
+                self._busy = False
                 self._written.notify_all()
 
-    def _commit(self, decisions: list[Decision]) -> StoreError | None:
+    def _commit(self, decisions: list[Decision], sessions: Sessions) -> StoreError | None:
         try:
-            self.write(decisions)
+            self.write(decisions, sessions)
         except StoreError as error:
             self.health.failed(error)
             return error

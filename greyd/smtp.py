@@ -317,7 +317,9 @@ class Session:
 
     def close(self) -> None:
         """The session is over: the upstream let go, and the DNS facts
-        collected if they are in (the session-end line names the client)."""
+        collected if they are in (the session-end line names the client),
+        and the session counted."""
+        self.greylister.count_session(self.tls is not None)
         if self.relay is not None:
             self.relay.quit()
         if self.dns is None and self._pending is not None and self._pending.ready():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import AbstractContextManager
+from collections.abc import Mapping
 from typing import NamedTuple, Protocol, Sequence
 
 from . import log
@@ -33,6 +34,11 @@ class Decision(NamedTuple):
     max_age: int
 
 
+SESSION = "session"                  # the counters' action for ended sessions
+SESSION_KINDS = ("tls", "plaintext")  # ... and their reasons
+Sessions = Mapping[tuple[int, str], int]   # (hour, kind): sessions that ended
+
+
 class Backend(Protocol):
     """A store as the greylister uses it. Every method may raise StoreError."""
 
@@ -42,8 +48,9 @@ class Backend(Protocol):
     def facts(self, network: str, triplet: Triplet) -> AbstractContextManager[Facts]:
         """`with backend.facts(network, triplet) as facts:` what one decision reads."""
 
-    def record(self, decisions: Sequence[Decision]) -> None:
-        """Remember the decisions, in order, and count them: all or none."""
+    def record(self, decisions: Sequence[Decision], sessions: Sessions = {}) -> None:
+        """Remember the decisions, in order, and count them and the `sessions`
+        that ended: all or none."""
 
     def close(self) -> None:
         """Let go of every connection; the next use opens afresh."""

@@ -24,7 +24,7 @@ import sqlite_utils
 
 from . import policy
 from .policy import AutoEntry, Entry, Seen, Triplet, Verdict
-from .storage import Decision
+from .storage import SESSION, Decision, Sessions
 from .whitelist import KINDS as WHITELIST_KINDS
 
 BUSY_TIMEOUT = 5.0          # seconds a writer waits for another (cron, CLI)
@@ -174,8 +174,9 @@ class Store:
 
     # -- what a decision writes ------------------------------------------------
 
-    def record(self, decisions: Sequence[Decision]) -> None:
-        """Remember decisions, in order, and count them, in one transaction.
+    def record(self, decisions: Sequence[Decision], sessions: Sessions = {}) -> None:
+        """Remember decisions, in order, and count them and the sessions that
+        ended, in one transaction.
 
         A run of new (or restarted) triplets, all a flood of spam brings, goes
         in a few multi-row statements rather than one statement each.
@@ -193,6 +194,8 @@ class Store:
                 self._insert_fresh(fresh)
                 self._apply(verdict, now, max_age)
             self._insert_fresh(fresh)
+            for (hour, kind), n in sessions.items():
+                counts[hour, SESSION, kind] += n
             self.conn.executemany(
                 "INSERT INTO counters (hour, action, reason, count) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (hour, action, reason) DO UPDATE SET"

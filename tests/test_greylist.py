@@ -93,7 +93,7 @@ class BrokenStore:
     def facts(self, network, triplet):
         raise StoreError("unable to open database file")
 
-    def record(self, decisions):
+    def record(self, decisions, sessions=None):
         raise StoreError("unable to open database file")
 
     def open(self):
@@ -165,7 +165,7 @@ class MemoryStore:
     def facts(self, network, triplet):
         yield self.memory
 
-    def record(self, decisions) -> None:
+    def record(self, decisions, sessions=None) -> None:
         triplets = self.memory.triplets
         for verdict, now, _ in decisions:
             now, seen = int(now), triplets.get(verdict.triplet)

@@ -15,12 +15,14 @@ from __future__ import annotations
 import resource
 import select
 import signal
+import smtplib
 import socket
 import threading
 import time
 
 import pytest
 
+from certs import Certs
 from conftest import greeted, until
 from daemon import BASE_THREADS, Foreground, config_for, descriptors, threads, wait_listening
 from greyd import replies
@@ -392,3 +394,79 @@ def test_sigterm_lets_messages_finish_and_421s_the_rest(tmp_path, upstream, port
                {f"sender{n}@example.net" for n in stalling}]
     assert len(stalled) == len(stalling) and all(t.data_code is None for t in stalled)
     assert "stopped" in daemon.stderr
+
+
+# -- a flood of bad handshakes beside a well-behaved TLS client ---------------------------------
+
+HANDSHAKE_TIMEOUT = 5
+
+
+def starttls_flood(port: int, n: int) -> list[Raw]:
+    """`n` connections that said EHLO and STARTTLS and were answered 220 2.0.0."""
+    flood = []
+    for i in range(n):
+        c = Raw(port, source=f"127.0.0.{2 + i // PER_SOURCE}", timeout=10)
+        c.send(b"EHLO flood\r\nSTARTTLS\r\n")
+        flood.append(c)
+    for c in flood:
+        assert c.reply()[0] == 250
+        assert c.reply() == R(replies.READY_TO_START_TLS)
+    return flood
+
+
+def test_a_thousand_bad_handshakes_do_not_stop_a_good_tls_client(tmp_path, upstream, port,
+                                                                  descriptor_room):
+    certs = Certs(tmp_path)
+    cert, key = certs.issue(HOST, "127.0.0.1")         # smtplib checks the name it connected to
+    config = config_for(tmp_path, upstream.port, port,
+                        server={"max_connections": FLOOD + 100},
+                        relay={"domains": ["localhost"], "clients": [f"{TRUSTED}/32"]},
+                        tls={"cert": str(cert), "key": str(key),
+                             "handshake_timeout": f"{HANDSHAKE_TIMEOUT}s"})
+    database = str(tmp_path / "var/greyd.db")
+    body = b"Subject: through a flood of handshakes\r\n\r\nHello.\r\n"
+
+    def good_transaction() -> float:
+        started = time.monotonic()
+        with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(TRUSTED, 0)) as client:
+            client.ehlo("good.example.net")
+            client.starttls(context=certs.client())
+            client.ehlo("good.example.net")
+            client.mail("good@example.net")
+            assert client.rcpt("bob@localhost")[0] == 250
+            assert client.data(body)[0] == 250
+        return time.monotonic() - started
+
+    with Foreground(config) as daemon:
+        wait_listening(port)
+        pid = daemon.proc.pid
+        good_transaction()                   # the store's pooled connection: part of the baseline
+        base = BASE_THREADS + 1              # and the thread that watches the certificate
+        assert until(lambda: threads(pid) == base, 10), threads(pid)
+        base_fds = descriptors(pid, database)
+
+        flood = starttls_flood(port, FLOOD)
+        try:
+            stalled, garbage = flood[0::2], flood[1::2]
+            for c in garbage:                # in place of a ClientHello
+                c.send(b"\x16\x03\x01\x00\x05garbage, not a TLS handshake\r\n" * 4)
+            took = good_transaction()
+            assert took < 10, f"a good TLS client took {took:.1f} s beside {FLOOD} handshakes"
+            good = upstream.wait_for(2)[-1]
+            assert good.mail_from == "good@example.net" and good.data.endswith(body)
+            assert "with ESMTPS id" in good.data.decode()
+            assert all(closed_by_server(c.sock, 5) for c in garbage[:20])
+            # the stalled ones are let go at handshake_timeout, not later
+            assert all(closed_by_server(c.sock, HANDSHAKE_TIMEOUT + 5) for c in stalled[:20])
+        finally:
+            for c in flood:
+                c.close()
+        print(f"\n{FLOOD} bad handshakes: good TLS transaction {took:.2f} s")
+        assert until(lambda: threads(pid) == base, 20), threads(pid)
+        assert until(lambda: descriptors(pid, database) == base_fds, 10), \
+            (descriptors(pid, database), base_fds)
+        assert good_transaction() < 10
+        assert daemon.stop() == 0
+    failed = [line for line in daemon.stderr.splitlines() if "end=tls-failed" in line]
+    assert len(failed) == FLOOD              # each bad handshake: one line, no more
+    assert not [line for line in daemon.stderr.splitlines() if "Traceback" in line]

@@ -729,9 +729,9 @@ class Counted:
     def __init__(self, pool):
         self.pool, self.commits = pool, 0
 
-    def record(self, decisions):
+    def record(self, decisions, sessions={}):
         self.commits += 1
-        self.pool.record(decisions)
+        self.pool.record(decisions, sessions)
 
 
 @pytest.fixture

@@ -5,50 +5,20 @@ clients are Python's ssl over real loopback sockets."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import re
 import socket
 import ssl
-from pathlib import Path
+import time
 
 import pytest
-import trustme
+
+from certs import HOST, Certs
 from conftest import until
-from daemon import config_for
-from daemon import greyd as run_greyd
+from daemon import config_for, greyd as run_greyd
+from greyd import config as configuration, replies
 from smtpclient import R, Raw
-
-from greyd import config as configuration
-from greyd import replies
-
-HOST = "mx.greyd.test"
-
-
-class Certs:
-    """A test CA, and certificate/key files it issued, written under `root`."""
-
-    def __init__(self, root: Path):
-        self.ca = trustme.CA()
-        self.root = root
-        self.count = 0
-        self.ca.cert_pem.write_to_path(str(root / "ca.pem"))
-
-    def issue(self, name: str = HOST, days: int = 365) -> tuple[Path, Path]:
-        """A certificate for `name`, valid `days` more days: (cert file with chain, key file)."""
-        self.count += 1
-        now = datetime.datetime.now(datetime.UTC)
-        leaf = self.ca.issue_cert(name, not_before=now - datetime.timedelta(days=1),
-                                  not_after=now + datetime.timedelta(days=days))
-        cert, key = self.root / f"cert{self.count}.pem", self.root / f"key{self.count}.pem"
-        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-        key.write_bytes(leaf.private_key_pem.bytes())
-        return cert, key
-
-    def client(self, **options) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        self.ca.configure_trust(context)
-        for name, value in options.items():
-            setattr(context, name, value)
-        return context
 
 
 @pytest.fixture
@@ -293,3 +263,21 @@ def test_a_detached_daemon_serves_starttls(tmp_path, certs, upstream, port):
         c.cmd("QUIT")
     finally:
         assert run_greyd("stop", config=path).returncode == 0
+
+
+def test_stats_counts_sessions_over_tls_and_in_plaintext(tls_greyd, certs):
+    g = tls_greyd()
+    g.clock.now = time.time()           # stats counts the last hour and day of the real clock
+    for _ in range(2):
+        secured(g, certs).cmd("QUIT")
+    g.raw().cmd("QUIT")
+    assert until(lambda: not g.daemon.admission.sockets, 5)
+    g.ctx.greylister.recorder.flush()
+    run = run_greyd("stats", "--json", config=g.config.source)
+    assert run.returncode == 0, run.stderr
+    sessions = json.loads(run.stdout)["sessions"]
+    assert (sessions["hour"]["tls"], sessions["hour"]["plaintext"]) == (2, 1)
+    assert (sessions["day"]["tls"], sessions["day"]["plaintext"]) == (2, 1)
+    human = run_greyd("stats", config=g.config.source).stdout
+    assert re.search(r"^  over TLS +2 +2$", human, re.M)
+    assert re.search(r"^  plaintext +1 +1$", human, re.M)
