@@ -66,8 +66,9 @@ class Greylister:
         return Greylister(config, backend_for(config), clock=self.clock)
 
     def count_session(self, tls: bool) -> None:
-        """Count an ended session, over TLS or not, for `greyd stats`."""
-        self.recorder.count_session("tls" if tls else "plaintext", self.clock())
+        """Count an ended session, over TLS or not, for `greyd stats` (by the
+        wall clock: nothing is decided on it)."""
+        self.recorder.count_session("tls" if tls else "plaintext", time.time())
 
     def start(self) -> None:
         """Start the recorder's writer thread now (else at the first verdict)."""

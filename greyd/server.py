@@ -22,6 +22,7 @@ import threading
 import time
 
 from . import log, tls
+from .tls import HANDSHAKES
 from .admission import Admission, LocalCounts, SharedCounts
 from .channel import READ_BUFFER, Channel
 from .dialogue import Dialogue
@@ -74,9 +75,10 @@ class Connection(io.RawIOBase):
     def readinto(self, buffer) -> int:
         if self.tls is not None:
             return self._tls_readinto(buffer)
-        return self._recv_into(buffer)
+        return self._receive(self.sock.recv_into, buffer)
 
-    def _recv_into(self, buffer) -> int:
+    def _receive(self, read, argument):
+        """`read(argument)` on the socket once something came, within the deadline."""
         while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
@@ -86,7 +88,7 @@ class Connection(io.RawIOBase):
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(wanted))
                 self._armed = wanted
             try:
-                return self.sock.recv_into(buffer)
+                return read(argument)
             except BlockingIOError:     # EAGAIN: the kernel's receive timeout ran out,
                 continue                # which may be before the deadline
 
@@ -112,7 +114,7 @@ class Connection(io.RawIOBase):
         self.expect(timeout)
         while True:
             try:
-                tls.do_handshake()
+                HANDSHAKES.step(tls)
                 break
             except ssl.SSLWantReadError:
                 self._flush()
@@ -137,10 +139,9 @@ class Connection(io.RawIOBase):
 
     def _feed(self) -> None:
         """Read what the client sent next (within the deadline) into the TLS engine."""
-        chunk = bytearray(TLS_CHUNK)
-        count = self._recv_into(chunk)
-        if count:
-            self._incoming.write(memoryview(chunk)[:count])
+        chunk = self._receive(self.sock.recv, TLS_CHUNK)   # only what came is touched
+        if chunk:
+            self._incoming.write(chunk)
         else:
             self._incoming.write_eof()
 
@@ -165,10 +166,13 @@ class Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock = self.request
         conn = Connection(sock, IDLE_TIMEOUT)       # TCP_NODELAY and timeouts: its listener's
-        rfile = io.BufferedReader(conn, READ_BUFFER)
         session = Session(self.server.ctx, client_text(self.client_address[0]))
         self.server.admission.attach(sock, session)
-        Dialogue(session, Channel(rfile, conn.send, conn.expect, conn.start_tls)).run()
+        # The channel alone holds the reader: STARTTLS replaces it, and the old
+        # one's buffer must go with it.
+        channel = Channel(io.BufferedReader(conn, READ_BUFFER), conn.send, conn.expect,
+                          conn.start_tls)
+        Dialogue(session, channel).run()
 
 
 class Listener(socketserver.ThreadingTCPServer):

@@ -267,7 +267,6 @@ def test_a_detached_daemon_serves_starttls(tmp_path, certs, upstream, port):
 
 def test_stats_counts_sessions_over_tls_and_in_plaintext(tls_greyd, certs):
     g = tls_greyd()
-    g.clock.now = time.time()           # stats counts the last hour and day of the real clock
     for _ in range(2):
         secured(g, certs).cmd("QUIT")
     g.raw().cmd("QUIT")
@@ -281,3 +280,11 @@ def test_stats_counts_sessions_over_tls_and_in_plaintext(tls_greyd, certs):
     human = run_greyd("stats", config=g.config.source).stdout
     assert re.search(r"^  over TLS +2 +2$", human, re.M)
     assert re.search(r"^  plaintext +1 +1$", human, re.M)
+
+
+def test_a_stop_tells_an_idle_tls_session_421_over_tls(tls_greyd, certs):
+    g = tls_greyd()
+    c = secured(g, certs)
+    assert c.cmd("EHLO client.example.net")[0] == 250
+    g.daemon.stop()
+    assert c.reply() == R(replies.SHUTTING_DOWN)
