@@ -19,6 +19,7 @@ from conftest import until
 from daemon import config_for, greyd as run_greyd
 from greyd import config as configuration, replies
 from smtpclient import R, Raw
+from upstream import Upstream
 
 
 @pytest.fixture
@@ -288,3 +289,21 @@ def test_a_stop_tells_an_idle_tls_session_421_over_tls(tls_greyd, certs):
     assert c.cmd("EHLO client.example.net")[0] == 250
     g.daemon.stop()
     assert c.reply() == R(replies.SHUTTING_DOWN)
+
+
+@pytest.mark.parametrize("over_tls, protocol", [(True, "UTF8SMTPS"), (False, "UTF8SMTP")])
+def test_received_names_smtputf8_with_and_without_tls(start_greyd, certs, over_tls, protocol):
+    cert, key = certs.issue()
+    with Upstream(smtputf8=True) as upstream:
+        g = start_greyd(upstream.port, tls={"cert": str(cert), "key": str(key)},
+                        relay={"domains": ["bücher.example"]})
+        g.whitelist()
+        c = secured(g, certs) if over_tls else g.raw()
+        assert "SMTPUTF8" in c.cmd("EHLO client.example.net")[1].split("\n")
+        assert c.cmd("MAIL FROM:<jürgen@bücher.example> SMTPUTF8") == R(replies.SENDER_OK)
+        assert c.cmd("RCPT TO:<søren@bücher.example>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        assert c.cmd("Subject: grüße\r\n\r\nHallo.\r\n.".encode())[0] == 250
+        received = upstream.wait_for(1)[0].data.decode()
+    assert f"with {protocol} id " in received
+    assert ("(using TLSv1.3 with cipher " in received) == over_tls
