@@ -6,8 +6,10 @@ Shown end to end, as an MX on the Internet meets greyd: greylisting and the
 sender's retry, the real client reaching the upstream through XCLIENT, the
 upstream's refusal of one recipient reaching the sender as that recipient's
 own 5xx, and an upstream outage as a 4xx the sender retries until the mail
-is delivered; a sender that requires TLS delivers through greyd's STARTTLS.
-Skipped where Postfix is not installed or we are not root.
+is delivered; a sender that requires TLS delivers through greyd's STARTTLS;
+internationalized addresses (SMTPUTF8) and a DSN request reach the upstream
+as the sender gave them. Skipped where Postfix is not installed or we are
+not root.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ pytestmark = [
 CLIENT = "127.0.0.2"                      # the sending Postfix's address, not greyd's
 SENDER = "alice@sender.test"
 BOB, CAROL, DAVE = "bob@example.org", "carol@example.org", "dave@example.org"
+UTF8_SENDER, UTF8_RCPT = "jörg@bücher.example", "josé@example.org"
 DAVE_REFUSED = "550 5.1.1 dave has left the building"
 GREYLISTED = r"said: 451 4\.7\.1 Greylisted"
 
@@ -59,9 +62,9 @@ def started():
 
 
 def upstream_mta(**main: str) -> postfix.Postfix:
-    """The upstream Postfix behind greyd: Maildirs for BOB and CAROL, DAVE refused."""
-    return postfix.upstream(free_port(), mailboxes=[BOB, CAROL], reject={DAVE: DAVE_REFUSED},
-                            main=main)
+    """The upstream Postfix behind greyd: Maildirs for BOB, CAROL and UTF8_RCPT; DAVE refused."""
+    return postfix.upstream(free_port(), mailboxes=[BOB, CAROL, UTF8_RCPT],
+                            reject={DAVE: DAVE_REFUSED}, main=main)
 
 
 def sending_mta(greyd_port: int, **kwargs) -> postfix.Postfix:
@@ -173,3 +176,46 @@ def test_tls_required_by_the_sender_after_greylisting(start_greyd, started, mta,
     assert "by upstream.test" in received[0] and f"[{CLIENT}]" in received[0], received[0]
     assert "by mx.greyd.test" in received[1] and "with ESMTPS" in received[1], received[1]
     assert mta.log_lines(rf"client=\S*\[{CLIENT}\]"), mta.tail()
+
+
+def test_smtputf8_addresses_reach_the_upstream_intact(start_greyd, started):
+    mta = started(upstream_mta(debug_peer_list="127.0.0.0/8"))
+    proxy = start_greyd(mta.smtpd[1], greylist={"delay": "1s"})
+    sender = started(sending_mta(proxy.port, main={"smtputf8_enable": "yes"}))
+    body = (f"From: <{UTF8_SENDER}>\nTo: <{UTF8_RCPT}>\nSubject: Grüße\n"
+            "Content-Type: text/plain; charset=utf-8\n\nHallo Zoë.\n")
+    sender.sendmail(UTF8_SENDER, [UTF8_RCPT], body.encode())
+
+    assert sender.wait_log(rf"to=<{UTF8_RCPT}>.*status=deferred.*{GREYLISTED}")
+    delivered = mta.wait_messages(UTF8_RCPT)
+    assert sender.wait_log(rf"to=<{UTF8_RCPT}>.*status=sent \(250 ")
+    got = delivered[0].message
+    assert got["Return-Path"] == f"<{UTF8_SENDER}>"
+    assert got["Delivered-To"] == UTF8_RCPT
+    assert "with UTF8SMTP" in got.get_all("Received")[0]
+    assert mta.log_lines(rf"< \S+\[{CLIENT}\]: MAIL FROM:<{UTF8_SENDER}> .*SMTPUTF8"), mta.tail()
+    assert mta.log_lines(rf"< \S+\[{CLIENT}\]: RCPT TO:<{UTF8_RCPT}>")
+
+
+def test_dsn_request_reaches_the_upstream_unchanged(start_greyd, started):
+    # Both Postfixes log every SMTP command (debug_peer_list): what the sender
+    # sent to greyd and what the upstream got from greyd, side by side.
+    mta = started(upstream_mta(debug_peer_list="127.0.0.0/8"))
+    proxy = start_greyd(mta.smtpd[1], greylist={"delay": "1s"})
+    proxy.whitelist(value=f"{CLIENT}/32")
+    sender = started(sending_mta(proxy.port, main={"debug_peer_list": "127.0.0.1"}))
+    # CAROL, a mailbox at the upstream, sends: the upstream's own report comes to her.
+    sender.sendmail(CAROL, [BOB], message("with a DSN request"), "-N", "success,delay")
+
+    assert sender.wait_log(rf"to=<{BOB}>.*status=sent \(250 ")
+    sent = sender.log_lines(rf"> 127\.0\.0\.1\[127\.0\.0\.1\]:{proxy.port}: RCPT TO:<{BOB}> ")
+    received = mta.log_lines(rf"< \S+\[{CLIENT}\]: RCPT TO:<{BOB}> ")
+    assert len(sent) == 1 and len(received) == 1, (sender.tail(), mta.tail())
+    parameters = sent[0].partition(f"RCPT TO:<{BOB}> ")[2]
+    assert sorted(parameters.split()) == ["NOTIFY=SUCCESS,DELAY", f"ORCPT=rfc822;{BOB}"]
+    assert received[0].partition(f"RCPT TO:<{BOB}> ")[2] == parameters
+    # The upstream acted on NOTIFY=SUCCESS: a success report to the sender.
+    assert mta.wait_log(r"sender delivery status notification")
+    report = mta.wait_messages(CAROL)[0].raw.decode(errors="replace")
+    assert "Successful Mail Delivery Report" in report
+    assert f"Original-Recipient: rfc822;{BOB}" in report and "Action: delivered" in report
