@@ -252,16 +252,34 @@ def test_a_certificate_near_its_end_is_warned_of(start_greyd, upstream, certs, l
     assert not logs.matching(f"cert={fresh_cert}")
 
 
-def test_a_detached_daemon_serves_starttls(tmp_path, certs, upstream, port):
+def test_a_detached_daemon_serves_starttls_and_greyd_reload_renews_it(tmp_path, certs,
+                                                                      upstream, port):
     cert, key = certs.issue()
     path = config_for(tmp_path, upstream.port, port, tls={"cert": str(cert), "key": str(key)})
     assert run_greyd("start", config=path).returncode == 0
-    try:
+
+    def serial() -> int:
         c = Raw(port)
         c.cmd("EHLO client.example.net")
         assert c.starttls(certs.client())[0] == 220
         assert c.cmd("EHLO client.example.net")[0] == 250
+        number = int(c.sock.getpeercert()["serialNumber"], 16)
         c.cmd("QUIT")
+        return number
+
+    try:
+        first = serial()
+        good_key = key.read_bytes()
+        key.write_text("not a key\n")                 # a renewal gone wrong: said, not sent
+        run = run_greyd("reload", config=path)
+        assert run.returncode == 1 and run.stderr.startswith(f"greyd: tls.key: {key}: ")
+        assert serial() == first
+        key.write_bytes(good_key)
+        renewed_cert, renewed_key = certs.issue()
+        cert.write_bytes(renewed_cert.read_bytes())
+        key.write_bytes(renewed_key.read_bytes())
+        assert run_greyd("reload", config=path).returncode == 0
+        assert until(lambda: serial() != first, 5)
     finally:
         assert run_greyd("stop", config=path).returncode == 0
 
