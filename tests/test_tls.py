@@ -17,7 +17,7 @@ import pytest
 from certs import HOST, Certs
 from conftest import until
 from daemon import config_for, greyd as run_greyd
-from greyd import config as configuration, replies
+from greyd import config as configuration, replies, tls
 from smtpclient import R, Raw
 from upstream import Upstream
 
@@ -325,3 +325,19 @@ def test_received_names_smtputf8_with_and_without_tls(start_greyd, certs, over_t
         received = upstream.wait_for(1)[0].data.decode()
     assert f"with {protocol} id " in received
     assert ("(using TLSv1.3 with cipher " in received) == over_tls
+
+
+def test_the_expiry_watch_looks_again_every_period_until_stopped(certs, logs):
+    cert, key = certs.issue(days=3)
+    certificate = tls.load(configuration.TlsConfig(cert=cert, key=key))
+    watch = tls.ExpiryWatch(lambda: certificate, every=0.05)
+    watch.start()
+    try:
+        assert until(lambda: len(logs.matching(r"^certificate expires soon ")) >= 3, 5)
+    finally:
+        watch.stop()
+    watch._thread.join(5)
+    assert not watch._thread.is_alive()
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=10)
+    assert certificate.expires_within(tls.EXPIRY_WARNING, later)
+    assert not certificate.expires_within(datetime.timedelta(days=1))
