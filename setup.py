@@ -11,6 +11,7 @@ setup(
         "sqlite-utils>=3.35",
         "click>=8.1",
         "cryptography>=42",
+        "idna>=3.7",
     ],
     extras_require={
         "test": [

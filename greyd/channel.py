@@ -21,6 +21,10 @@ from .replies import Reply
 
 COMMAND_LIMIT = 512              # RFC 5321 4.5.3.1.4, CRLF included
 MAIL_ALLOWANCE = 26 + 15         # RFC 1870 SIZE= and RFC 6152 BODY= (RFC 5321 4.5.3.1.4)
+DSN_ALLOWANCE = {"MAIL": 110, "RCPT": 600}  # RFC 3461 RET=, ENVID=; NOTIFY=, ORCPT= (when offered)
+SMTPUTF8_ALLOWANCE = 10          # RFC 6531 3.4 (when offered)
+LINE_LIMIT = COMMAND_LIMIT + max(MAIL_ALLOWANCE + DSN_ALLOWANCE["MAIL"] + SMTPUTF8_ALLOWANCE,
+                                 DSN_ALLOWANCE["RCPT"])   # the longest line read whole
 CHUNK = 65536                    # bytes of a message line read at a time, at most
 READ_BUFFER = 16384              # the client's read buffer
 
@@ -96,10 +100,10 @@ class Channel:
         """One command line; b"" when it was too long (the rest is skipped)."""
         readline = self.rfile.readline
         try:
-            line = readline(COMMAND_LIMIT + MAIL_ALLOWANCE + 1)
+            line = readline(LINE_LIMIT + 1)
             if line.endswith(b"\n"):
                 return line
-            if len(line) <= COMMAND_LIMIT + MAIL_ALLOWANCE:
+            if len(line) <= LINE_LIMIT:
                 raise Closed("disconnect")          # end of stream within the line
             while not (rest := readline(CHUNK)).endswith(b"\n"):
                 if not rest:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from . import policy
+from . import idn, policy
 from .storage import SESSION, SESSION_KINDS
 from .store import transaction
 from .whitelist import KINDS as WHITELIST_KINDS
@@ -67,7 +67,8 @@ def triplet_filter(*, state: str | None = None, client: str | None = None,
     `state`: "pending" or "passed". `client`: an address, matched by the network
     the daemon would record for it, or a network as stored (192.0.2.0/24).
     `sender`: normalized as the daemon does (an exact normalized value matches
-    too). `recipient`: case-insensitive. Either address may be `@domain`.
+    too). `recipient`: case-insensitive. Either address may be `@domain`; an
+    internationalized domain in either form (kept as its A-label).
     """
     clauses: list[str] = []
     params: dict[str, str] = {}
@@ -81,11 +82,12 @@ def triplet_filter(*, state: str | None = None, client: str | None = None,
         clauses.append("network = :network")
         params["network"] = network_of(client, ipv4_prefix, ipv6_prefix)
     if sender is not None:
-        typed = "<>" if sender.strip() in ("", "<>") else sender.strip().lower()
+        typed = "<>" if sender.strip() in ("", "<>") else idn.address_key(sender.strip())
         values = sorted({policy.normalize_sender(typed if typed != "<>" else ""), typed})
         clauses.append(_address_clause("sender", values, params))
     if recipient is not None:
-        clauses.append(_address_clause("recipient", [recipient.strip().lower()], params))
+        clauses.append(_address_clause("recipient", [idn.address_key(recipient.strip())],
+                                       params))
     return TripletFilter(tuple(clauses), params)
 
 

@@ -40,7 +40,8 @@ def trace_headers(*, helo: str | None, name: str | None, client: str, hostname: 
     the protocol is ESMTPS (RFC 3848), UTF8SMTPS with SMTPUTF8 (RFC 6531).
     """
     date = formatdate(now, localtime=True)
-    protocol = ("UTF8" if smtputf8 else "") + ("ESMTP" if esmtp else "SMTP") + ("S" if tls else "")
+    # RFC 3848 and RFC 6531 3.7.3: SMTP, ESMTP, ESMTPS, UTF8SMTP, UTF8SMTPS
+    protocol = ("UTF8SMTP" if smtputf8 else "ESMTP" if esmtp else "SMTP") + ("S" if tls else "")
     lines = [f"Received: from {helo} ({name or 'unknown'} [{client}])\r\n"]
     if tls:
         version, cipher, bits = tls

@@ -1,7 +1,8 @@
 """The greylisting decision of SPEC §5: what happens to one recipient, and why.
 
 Everything here is pure: no I/O, no clock, no logging; of the rest of greyd
-it uses only `ip`, the address rules. `decide` reads what it needs through the small `Facts`
+it uses only `ip` and `idn`, the address rules (a domain is compared as its
+A-label, so either form of an internationalized name is one key). `decide` reads what it needs through the small `Facts`
 protocol (the store implements it) and returns a `Verdict` that says what to
 answer and what the store should remember; writing it is the caller's job, so
 `greyd explain` can run exactly the same code and change nothing.
@@ -12,10 +13,12 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable, NamedTuple, Protocol
 
+from . import idn
 from .ip import Network as IPNetwork, client_address
 
 ACCEPT, GREYLIST, REJECT, TEMPFAIL = "accept", "greylist", "reject", "tempfail"
@@ -139,7 +142,8 @@ def decide(request: Request, rules: Rules, facts: Facts, now: float,
 def keys(request: Request, rules: Rules) -> tuple[str, Triplet]:
     """The client's network and the triplet that `decide` looks up."""
     network = client_network(request.client, rules.ipv4_prefix, rules.ipv6_prefix)
-    return network, Triplet(network, normalize_sender(request.sender), request.recipient.lower())
+    return network, Triplet(network, normalize_sender(request.sender),
+                            idn.address_key(request.recipient))
 
 
 def relay_check(request: Request, rules: Rules, network: str) -> Verdict | None:
@@ -202,13 +206,13 @@ _ROUTING = re.compile(r"[%!@:]")     # in a local part: routing an MTA might act
 def normalize_sender(sender: str) -> str:
     """The sender as a triplet keeps it, so per-message rewriting still matches.
 
-    Case folded; BATV `prvs=TAG=` removed; the hash and timestamp of SRS0/SRS1
-    removed; `+extension` removed; every run of digits becomes '#'; the null
-    sender is '<>'.
+    Case folded (NFC, the domain as its A-label); BATV `prvs=TAG=` removed;
+    the hash and timestamp of SRS0/SRS1 removed; `+extension` removed; every
+    run of digits becomes '#'; the null sender is '<>'.
     """
     if not sender:
         return "<>"
-    address = sender.lower()
+    address = idn.address_key(sender)
     if "=" in address:              # BATV and SRS both need one; most senders have none
         while _BATV.match(address):
             address = _BATV.sub("", address, count=1)
@@ -232,18 +236,21 @@ def relay_allowed(recipient: str, domains: Iterable[str]) -> bool:
 
     The bare `postmaster` always may. Otherwise the domain must be relayed,
     and the local part must not carry routing of its own ('%', '!', '@' or
-    ':'), which an MTA behind us might honour and so become an open relay.
-    Only ASCII compares: a Unicode look-alike could lower-case into a relayed
-    domain that the upstream does not see.
+    ':', nor a look-alike of one, such as a fullwidth '＠'), which an MTA
+    behind us might honour and so become an open relay. The domain compares
+    as its A-label: a Unicode look-alike that would map or lower-case into
+    a relayed domain (KELVIN SIGN, fullwidth letters) has none, and a
+    mixed-script one is another A-label.
     """
-    if not recipient.isascii():
-        return False        # no SMTPUTF8; and str.lower() folds KELVIN SIGN into "k"
-    if recipient.lower() == "postmaster":
+    if recipient.isascii() and recipient.lower() == "postmaster":
         return True
     local, at, domain = recipient.rpartition("@")
     if not at or not local or _ROUTING.search(local):
         return False
-    return domain_matches(domain.lower(), domains)
+    if not local.isascii() and _ROUTING.search(unicodedata.normalize("NFKC", local)):
+        return False
+    name = idn.alabel(domain)
+    return name is not None and domain_matches(name, domains)
 
 
 def domain_matches(domain: str, patterns: Iterable[str]) -> bool:
@@ -351,7 +358,7 @@ def _address_candidates(table: dict[str, Entry], address: str):
     """Entries for `user@dom`, then `@dom`, then `user@`."""
     if not table or not address:
         return
-    address = address.lower()
+    address = idn.address_key(address)
     local, at, domain = address.rpartition("@")
     yield table.get(address)
     if at:

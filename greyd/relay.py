@@ -7,8 +7,13 @@ any failure of the upstream becomes a 451 4.4.x reply and drops the
 connection, so the client keeps the mail and retries. A transaction the
 upstream lost stays lost until the client ends it (DATA, RSET): its later
 recipients get 451 4.4.1 as well, never a fresh upstream transaction that
-would carry the message without the recipients accepted before. It knows
-nothing of policy, the store, or the client's socket.
+would carry the message without the recipients accepted before. A
+transaction that needs SMTPUTF8 or DSN from an upstream that no longer
+offers it gets 451 4.3.3 (the client keeps the mail), and the upstream's
+keywords, as each new connection finds them, go to the daemon's
+`upstream.Capabilities`. Addresses and DSN parameters go upstream exactly
+as the client wrote them. It knows nothing of policy, the store, or the
+client's socket.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class Relay:
 
     def __init__(self, *, host: str, port: int, timeout: float, local_hostname: str,
                  starttls: bool = False, xclient: str = "auto",
-                 client_addr: str, client_name: str | None, client_helo: str | None):
+                 client_addr: str, client_name: str | None, client_helo: str | None,
+                 capabilities=None):
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -42,28 +48,36 @@ class Relay:
         self.client_addr = client_addr
         self.client_name = client_name
         self.client_helo = client_helo
+        self.capabilities = capabilities    # upstream.Capabilities, told what EHLO offered
         self.in_transaction = False
         self._smtp: smtplib.SMTP | None = None
 
-    def mail(self, sender: str, *, size: int | None = None, body: str | None = None) -> Reply:
-        """Start a transaction: connect if needed, then MAIL FROM:<sender>."""
+    def mail(self, sender: str, *, size: int | None = None, body: str | None = None,
+             smtputf8: bool = False, dsn: tuple[str, ...] = ()) -> Reply:
+        """Start a transaction: connect if needed, then MAIL FROM:<sender>, with
+        SMTPUTF8 and the DSN parameters `dsn` when given."""
         if self.in_transaction:
             self.rset()
         reused = self._smtp is not None
-        reply = self._try_mail(sender, size, body)
+        needs = (("smtputf8",) if smtputf8 else ()) + (("dsn",) if dsn else ())
+        reply = self._try_mail(sender, size, body, needs, dsn)
         if reply is None and reused:
-            reply = self._try_mail(sender, size, body)
+            reply = self._try_mail(sender, size, body, needs, dsn)
         return replies.UPSTREAM_AT_RCPT if reply is None else reply
 
-    def rcpt(self, recipient: str) -> Reply:
-        """Forward one RCPT; the upstream's reply is the client's reply.
+    def rcpt(self, recipient: str, dsn: tuple[str, ...] = ()) -> Reply:
+        """Forward one RCPT (with its DSN parameters); the upstream's reply is
+        the client's reply.
 
         After an upstream failure in this transaction, 451 4.4.1 without asking.
         """
         if not self.in_transaction or self._smtp is None:
             return replies.UPSTREAM_AT_RCPT
+        if dsn and not self._smtp.has_extn("dsn"):
+            return replies.UPSTREAM_LACKS
         try:
-            code, text = self._smtp.docmd("RCPT", f"TO:<{recipient}>")
+            code, text = self._smtp.docmd("RCPT", f"TO:<{recipient}>" + "".join(
+                " " + param for param in dsn))
         except ValueError:
             return replies.BAD_RECIPIENT
         except OSError as error:
@@ -108,15 +122,21 @@ class Relay:
                 pass
         self._close()
 
-    def _try_mail(self, sender: str, size: int | None, body: str | None) -> Reply | None:
+    def _try_mail(self, sender: str, size: int | None, body: str | None,
+                  needs: tuple[str, ...], dsn: tuple[str, ...]) -> Reply | None:
         """MAIL on the current or a new connection; None when the upstream failed."""
         if self._smtp is None:
             try:
                 self._smtp = self._open()
             except (OSError, ValueError) as error:
                 return self._fail("connect", error, None)
+        if not all(self._smtp.has_extn(keyword) for keyword in needs):
+            return replies.UPSTREAM_LACKS
+        # RFC 6531 3.2: UTF-8 commands only in a transaction that declared SMTPUTF8.
+        self._smtp.command_encoding = "utf-8" if "smtputf8" in needs else "ascii"
         try:
-            params = self._mail_params(size, body)
+            params = self._mail_params(size, body) + "".join(
+                " " + param for param in (("SMTPUTF8",) if "smtputf8" in needs else ()) + dsn)
             code, text = self._smtp.docmd("MAIL", f"FROM:<{sender}>{params}")
         except ValueError:
             return replies.BAD_SENDER
@@ -141,6 +161,8 @@ class Relay:
         except BaseException:
             smtp.close()
             raise
+        if self.capabilities is not None:
+            self.capabilities.update(smtp.esmtp_features)
         return smtp
 
     def _send_xclient(self, smtp: smtplib.SMTP) -> None:

@@ -113,6 +113,8 @@ BAD_SENDER = Reply.of(501, "5.1.7 Bad sender address syntax")
 BAD_RECIPIENT = Reply.of(501, "5.1.3 Bad recipient address syntax")
 BAD_PARAMETER = Reply.of(501, "5.5.4 Malformed parameter")
 UNKNOWN_PARAMETER = Reply.of(555, "5.5.4 Unsupported MAIL/RCPT parameter")
+BAD_DSN = Reply.of(501, "5.5.4 Malformed DSN parameter (RFC 3461)")
+NEED_SMTPUTF8 = Reply.of(553, "5.6.7 UTF-8 address needs SMTPUTF8 on MAIL")
 UNKNOWN_COMMAND = Reply.of(500, "5.5.2 Error: command not recognized")
 NOT_IMPLEMENTED = Reply.of(502, "5.5.1 Error: command not implemented")
 LINE_TOO_LONG = Reply.of(500, "5.5.6 Error: line too long")
@@ -125,6 +127,8 @@ TLS_IN_TRANSACTION = Reply.of(503, "5.5.1 Error: MAIL transaction in progress")
 TOO_MANY_RECIPIENTS = Reply.of(452, "4.5.3 Error: too many recipients")
 
 UPSTREAM_AT_RCPT = Reply.of(451, "4.4.1 Upstream mail server unavailable, try again later")
+UPSTREAM_LACKS = Reply.of(451, "4.3.3 Upstream mail server does not offer SMTPUTF8 or DSN "
+                                 "now, try again later")
 UPSTREAM_AT_DATA = Reply.of(451, "4.4.2 Upstream mail server failed during delivery, try again later")
 LOCAL_ERROR = Reply.of(451, "4.3.0 Temporary local problem, try again later")
 LOCAL_ERROR_CLOSING = Reply.of(421, "4.3.0 Temporary local problem, closing connection")
@@ -139,7 +143,7 @@ TOO_MANY_FROM_CLIENT = Reply.of(421, "4.7.0 Too many connections from your addre
 _ERRORS = frozenset({
     NEED_HOSTNAME, NEED_HELO, NESTED_MAIL, NEED_MAIL, NEED_RCPT, BAD_CHARACTERS,
     SYNTAX, NO_ARGUMENT, BAD_SENDER, BAD_RECIPIENT, BAD_PARAMETER, UNKNOWN_PARAMETER,
-    UNKNOWN_COMMAND, NOT_IMPLEMENTED, LINE_TOO_LONG, RELAY_DENIED,
+    BAD_DSN, NEED_SMTPUTF8, UNKNOWN_COMMAND, NOT_IMPLEMENTED, LINE_TOO_LONG, RELAY_DENIED,
     MUST_STARTTLS, TLS_ALREADY_ACTIVE, TLS_IN_TRANSACTION,
 })
 

@@ -328,6 +328,7 @@ class Daemon:
     def start(self) -> None:
         self.ctx.greylister.start()
         self._watch_expiry()
+        self.ctx.upstream.refresh()       # SMTPUTF8, DSN: waits a moment, never long
         for listener in self.listeners:
             listener.serve()
         logger.info("listening %s", log.fields(
@@ -368,9 +369,13 @@ class Daemon:
         except tls.TlsError as error:
             logger.error("reload: keeping the running certificate %s", log.fields(error=error))
             certificate = old.tls
+        same_upstream = (config.upstream, config.server.hostname) == (
+            old.config.upstream, old.config.server.hostname)
         self.ctx = Context(config, old.greylister.reconfigured(config), lookup=lookup,
                            tls=certificate, stopping=old.stopping,
-                           under_pressure=self.admission.under_pressure)
+                           under_pressure=self.admission.under_pressure,
+                           upstream=old.upstream if same_upstream else None)
+        self.ctx.upstream.refresh()       # learnt again; the same upstream keeps what it knew
         if lookup is None:
             old.lookup.close()    # its sessions' lookups under way still finish
         for listener in self.listeners:

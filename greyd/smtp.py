@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import log, message, policy, replies, tls
-from .address import PathError, mail_params, parse
-from .channel import COMMAND_LIMIT, MAIL_ALLOWANCE, Received
+from .address import PathError, mail_params, parse, rcpt_params
+from .channel import COMMAND_LIMIT, DSN_ALLOWANCE, MAIL_ALLOWANCE, SMTPUTF8_ALLOWANCE, Received
 from .dns import ClientDNS, Lookup, Pending
 from .greylist import Greylister
 from .relay import Relay
 from .replies import Reply
 from .tls import Certificate
+from .upstream import Capabilities
 
 UNSUPPORTED = {"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "AUTH"}
 JUNK = {"NOOP", "RSET", "VRFY", "HELP"}   # commands that move no mail
@@ -54,11 +55,12 @@ os.register_at_fork(after_in_child=_reseed)
 @dataclass
 class Context:
     """What every session of one daemon shares: settings, greylister, DNS,
-    and how a session reaches the upstream (`relay`, a Relay or a class
-    like it).
+    how a session reaches the upstream (`relay`, a Relay or a class like
+    it) and what the upstream offers (`upstream`).
 
     `lookup` is built from config.dns when not given; whoever stops the
-    daemon closes it.
+    daemon closes it. `upstream` is built from config.upstream when not
+    given, unknown until probed (`Capabilities.refresh`).
     """
 
     config: object
@@ -70,12 +72,15 @@ class Context:
     stopping: threading.Event = field(default_factory=threading.Event)
     # True while connections are scarce; the server sets it (Postfix's "stress").
     under_pressure: Callable[[], bool] = field(default=lambda: False)
+    upstream: Capabilities | None = None
 
     def __post_init__(self):
         if self.lookup is None:
             self.lookup = Lookup(self.config.dns)
         if self.tls is tls.FROM_CONFIG:
             self.tls = tls.load(self.config.tls)
+        if self.upstream is None:
+            self.upstream = Capabilities.for_config(self.config)
 
 
 @dataclass
@@ -86,6 +91,8 @@ class Envelope:
     recipients: list[str] = field(default_factory=list)
     attempts: int = 0
     delayed: int = 0
+    smtputf8: bool = False                    # MAIL declared SMTPUTF8 (RFC 6531)
+    dsn: tuple[str, ...] = ()                 # MAIL's RET= and ENVID=, as the client wrote them
 
 
 class Session:
@@ -100,6 +107,7 @@ class Session:
         self.id = new_session_id()
         self.helo: str | None = None
         self.esmtp = False
+        self.extensions: tuple[str, ...] = ()   # SMTPUTF8, DSN: what the last EHLO offered
         self.envelope: Envelope | None = None
         self.relay: Relay | None = None
         self.dns: ClientDNS | None = None
@@ -151,13 +159,13 @@ class Session:
         if not line.endswith(b"\r\n"):
             return "", replies.BAD_CHARACTERS
         # In the text, not the bytes: `b"\r" in bytes` first tries b"\r" as an int.
-        text = line[:-2].decode("ascii", "surrogateescape")
+        # UTF-8 (RFC 6531); bytes that are not stay as surrogates, which no parser takes.
+        text = line[:-2].decode("utf-8", "surrogateescape")
         if "\r" in text or "\0" in text:
             return "", replies.BAD_CHARACTERS
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
-        limit = COMMAND_LIMIT + (MAIL_ALLOWANCE if verb == "MAIL" else 0)
-        if len(line) > limit:
+        verb = verb.upper() if verb.isascii() else "?"     # "ı".upper() is "I"
+        if len(line) > COMMAND_LIMIT + self.allowance(verb):
             return verb, replies.LINE_TOO_LONG
         handler = _HANDLERS.get(verb)
         if handler is None:
@@ -183,9 +191,23 @@ class Session:
             return replies.ehlo(server.hostname, server.max_message_size, self.offered())
         return replies.helo(server.hostname)
 
+    def allowance(self, verb: str) -> int:
+        """Octets a command line may have beyond 512 for the extensions offered."""
+        if verb == "MAIL":
+            return (MAIL_ALLOWANCE + DSN_ALLOWANCE["MAIL"] * ("DSN" in self.extensions)
+                    + SMTPUTF8_ALLOWANCE * ("SMTPUTF8" in self.extensions))
+        if verb == "RCPT":
+            return DSN_ALLOWANCE["RCPT"] * ("DSN" in self.extensions)
+        return 0
+
     def offered(self) -> tuple[str, ...]:
-        """The EHLO extensions this session offers beyond the fixed ones."""
-        return ("STARTTLS",) if self.ctx.tls is not None and self.tls is None else ()
+        """The EHLO extensions this session offers beyond the fixed ones:
+        STARTTLS with a certificate and before TLS; SMTPUTF8 and DSN when the
+        upstream offers them (`extensions`, kept for MAIL and RCPT)."""
+        self.extensions = self.ctx.upstream.offered()
+        if self.ctx.tls is not None and self.tls is None:
+            return ("STARTTLS", *self.extensions)
+        return self.extensions
 
     def smtp_STARTTLS(self, arg: str) -> Reply:
         if self.ctx.tls is None:
@@ -204,7 +226,7 @@ class Session:
         knowing nothing the client said before it, the HELO name included."""
         self.starting_tls = False
         self.tls = (protocol, cipher, bits)
-        self.helo, self.esmtp = None, False
+        self.helo, self.esmtp, self.extensions = None, False, ()
         self.abort_transaction()
 
     def smtp_MAIL(self, arg: str) -> Reply:
@@ -219,12 +241,15 @@ class Session:
             path = parse(arg, "FROM", null_ok=True, bad=replies.BAD_SENDER)
             if path.params and not self.esmtp:
                 return replies.UNKNOWN_PARAMETER    # parameters need EHLO (RFC 5321 4.1.1.2)
-            params = mail_params(path.params)
+            params = mail_params(path.params, self.extensions)
         except PathError as error:
             return error.reply
+        if not (params.smtputf8 or path.address.isascii()):
+            return replies.NEED_SMTPUTF8
         if params.size is not None and params.size > self.config.server.max_message_size:
             return replies.MESSAGE_TOO_BIG
-        self.envelope = Envelope(path.address, params.size, params.body)
+        self.envelope = Envelope(path.address, params.size, params.body,
+                                 smtputf8=params.smtputf8, dsn=params.dsn)
         return replies.SENDER_OK
 
     def smtp_RCPT(self, arg: str) -> Reply:
@@ -232,18 +257,22 @@ class Session:
         if envelope is None:
             return replies.NEED_MAIL
         try:
-            path = parse(arg, "TO", null_ok=False, bad=replies.BAD_RECIPIENT)
+            path = parse(arg, "TO", null_ok=False, bad=replies.BAD_RECIPIENT,
+                         utf8_values=envelope.smtputf8)
+            if path.params and not self.esmtp:
+                return replies.UNKNOWN_PARAMETER
+            dsn = rcpt_params(path.params, self.extensions, envelope.smtputf8)
         except PathError as error:
             return error.reply
-        if path.params:
-            return replies.UNKNOWN_PARAMETER
+        if not (envelope.smtputf8 or path.address.isascii()):
+            return replies.NEED_SMTPUTF8
         if envelope.attempts >= self.config.server.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
         envelope.attempts += 1
         verdict = self.greylister.decide(self.request(path.address), self.id)
         if verdict.action != policy.ACCEPT:
             return refusal(verdict)
-        reply = self.forward_rcpt(envelope, path.address)
+        reply = self.forward_rcpt(envelope, path.address, dsn)
         if reply.ok:
             envelope.recipients.append(path.address)
             if verdict.reason == "passed":
@@ -264,20 +293,23 @@ class Session:
             self.dns = pending.result()
         return self.dns
 
-    def forward_rcpt(self, envelope: Envelope, recipient: str) -> Reply:
-        """Open the upstream transaction if needed, then RCPT in lockstep."""
+    def forward_rcpt(self, envelope: Envelope, recipient: str, dsn: tuple[str, ...] = ()) -> Reply:
+        """Open the upstream transaction if needed, then RCPT in lockstep
+        (with its DSN parameters, as the client wrote them)."""
         if self.relay is None:
             upstream = self.config.upstream
             self.relay = self.ctx.relay(
                 host=upstream.host, port=upstream.port, timeout=upstream.timeout,
                 local_hostname=self.config.server.hostname, starttls=upstream.starttls,
                 xclient=upstream.xclient, client_addr=self.client,
-                client_name=self.client_name, client_helo=self.helo)
+                client_name=self.client_name, client_helo=self.helo,
+                capabilities=self.ctx.upstream)
         if not self.relay.in_transaction:
-            reply = self.relay.mail(envelope.sender, size=envelope.size, body=envelope.body)
+            reply = self.relay.mail(envelope.sender, size=envelope.size, body=envelope.body,
+                                    smtputf8=envelope.smtputf8, dsn=envelope.dsn)
             if not reply.ok:
                 return reply
-        return self.relay.rcpt(recipient)
+        return self.relay.rcpt(recipient, dsn)
 
     def smtp_DATA(self, arg: str) -> Reply:
         if arg:
@@ -351,7 +383,7 @@ class Session:
             hostname=server.hostname, esmtp=self.esmtp, session=self.id,
             recipients=envelope.recipients, delayed=envelope.delayed,
             header=self.config.greylist.header, now=self.greylister.clock(), tls=self.tls,
-            smtputf8=getattr(envelope, "smtputf8", False))
+            smtputf8=envelope.smtputf8)
         reply = self.relay.data(trace + data)
         if reply.code == 250:
             self.messages += 1

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import idn
 from .ip import Network
 
 MAX_DURATION = 10 * 365 * 86400  # ten years: a sane ceiling, far below timeout overflow
@@ -195,7 +196,11 @@ def path(*, optional: bool) -> Callable[[Any, str], Path | None]:
 
 
 def domain(value: Any, key: str, *, leading_dot: bool = True) -> str:
-    name = value.lower().removesuffix(".") if isinstance(value, str) else ""
+    """A domain name as greyd compares it: lower case, an internationalized
+    one as its A-label (either form may be written; a look-alike is refused)."""
+    name = value.removesuffix(".") if isinstance(value, str) else ""
+    dot = "." if name.startswith(".") else ""
+    name = dot + (idn.alabel(name[len(dot):]) or "") if name[len(dot):] else ""
     if len(name) > 253 or not _DOMAIN.fullmatch(name) or name[0] == "." and not leading_dot:
         what = ' (".example.org" for its subdomains)' if leading_dot else ""
         raise fail(key, f"each entry must be a domain name{what}", value)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from . import idn
 from .ip import unmapped_network
 
 KINDS = ("client", "hostname", "sender", "recipient")
@@ -70,7 +72,7 @@ def normalize_hostname(text: str) -> str:
         return value
     if value.startswith("/") or value.endswith("/"):
         raise ValueError(f"hostname: a regular expression is written /like this/: {value}")
-    name = value.lower()
+    name = value                        # lower-cased by check_domain, after the look-alike check
     suffix = name.startswith(".")
     name = check_domain(name[1:] if suffix else name, "hostname")
     if suffix and "." not in name:
@@ -80,21 +82,22 @@ def normalize_hostname(text: str) -> str:
 
 def normalize_address(text: str) -> str:
     """'user@dom', '@dom' (the whole domain) or 'user@' (that local part anywhere),
-    lower-cased; '<user@dom>' loses its brackets."""
+    lower-cased (NFC; an internationalized domain as its A-label, as the
+    decision compares it); '<user@dom>' loses its brackets."""
     value = _plain(text, "address")
     if value.startswith("<") and value.endswith(">"):
         value = value[1:-1]
-    value = value.lower()
     if value.count("@") != 1:
         hint = "" if "@" in value else \
             " (write @domain for a whole domain, user@ for a local part)"
         raise ValueError(f"address: expected user@domain, @domain or user@: {value}{hint}")
-    local, _, domain = value.partition("@")
+    local, _, domain = value.partition("@")     # the domain as written: see check_domain
+    local = unicodedata.normalize("NFC", local).lower()
     if not local and not domain:
         raise ValueError("address: '@' alone names nothing")
     if local:
-        if len(local) > 64:
-            raise ValueError(f"address: local part longer than 64 characters: {value}")
+        if len(local.encode()) > 64:
+            raise ValueError(f"address: local part longer than 64 octets: {value}")
         if any(ch in local for ch in '<>()[],;:\\"') or local.startswith(".") \
                 or local.endswith(".") or ".." in local:
             raise ValueError(f"address: not a plain local part: {value}")
@@ -104,12 +107,16 @@ def normalize_address(text: str) -> str:
 
 
 def check_domain(name: str, what: str) -> str:
-    """A lower-case DNS name without its final dot; ValueError if it is not one."""
+    """A lower-case DNS name without its final dot, an internationalized one
+    as its A-label; ValueError if it is not one."""
     name = name[:-1] if name.endswith(".") else name
     if not name:
         raise ValueError(f"{what}: empty domain name")
-    if not name.isascii():
-        raise ValueError(f"{what}: not an ASCII name (use the xn-- form): {name}")
+    mapped = idn.alabel(name)
+    if mapped is None:
+        raise ValueError(f"{what}: not a valid internationalized domain name, or one that "
+                         f"looks like another (fullwidth or compatibility letters): {name}")
+    name = mapped
     if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
         raise ValueError(f"{what}: not a valid domain name: {name}")
     if name.rsplit(".", 1)[-1].isdigit():

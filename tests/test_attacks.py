@@ -19,7 +19,10 @@ import re
 import socket
 import sqlite3
 import threading
+import unicodedata
 from email.header import decode_header
+
+import idna
 
 import pytest
 from click.testing import CliRunner
@@ -30,6 +33,7 @@ from conftest import MemoryFacts
 from greyd import log, policy, replies
 from greyd.cli import cli
 from smtpclient import R, Raw
+from upstream import Upstream
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,9 +91,10 @@ class WireTap:
                 pass
 
     def streams(self) -> list[bytes]:
-        """What greyd sent upstream, one byte string per connection."""
+        """What greyd sent upstream, one byte string per connection; its probes of
+        the upstream's keywords (EHLO, then QUIT: nothing else) left out."""
         with self._lock:
-            return [bytes(stream) for stream in self._streams]
+            return [bytes(stream) for stream in self._streams if not _PROBE.fullmatch(stream)]
 
     def close(self) -> None:
         try:
@@ -100,6 +105,9 @@ class WireTap:
         with self._lock:
             for sock in self._sockets:
                 sock.close()
+
+
+_PROBE = re.compile(rb"EHLO [!-~]+\r\nQUIT\r\n", re.I)   # greyd.upstream learning keywords
 
 
 @pytest.fixture
@@ -652,14 +660,35 @@ def destinations(address: str, *, decode: bool = True) -> set[str]:
     return hops
 
 
+def looked_up(domain: str) -> str | None:
+    """The name an IDNA 2008 MTA looks up for `domain`: letters lower-cased only
+    where they stay non-ASCII (no Unicode character is an ASCII one), then strict
+    IDNA 2008, without UTS 46's mapping (fullwidth and compatibility forms are
+    DISALLOWED there); None when it names nothing."""
+    if domain.isascii():
+        return domain
+    folded = "".join(ch if not ch.isascii() and ch.lower().isascii() else ch.lower()
+                     for ch in domain)
+    try:
+        return idna.encode(unicodedata.normalize("NFC", folded), uts46=False).decode("ascii")
+    except UnicodeError:
+        return None
+
+
 def relayed(domain: str, patterns=RELAYED) -> bool:
-    return any(domain == p or (p.startswith(".") and domain.endswith(p) and domain != p[1:])
-               for p in patterns)
+    domain = looked_up(domain)
+    return domain is not None and any(
+        domain == p or (p.startswith(".") and domain.endswith(p) and domain != p[1:])
+        for p in patterns)
 
 
 def foreign(address: str, patterns=RELAYED, *, decode: bool = True) -> bool:
-    """True when some reading of `address` leads outside the relayed domains."""
-    return not all(relayed(hop, patterns) for hop in destinations(address, decode=decode))
+    """True when some reading of `address` leads outside the relayed domains: as
+    written, or with compatibility forms read as what they stand for (NFKC: a
+    fullwidth "＠" or "％" routes for an MTA that folds them)."""
+    readings = {address, unicodedata.normalize("NFKC", address)}
+    return not all(relayed(hop, patterns)
+                   for reading in readings for hop in destinations(reading, decode=decode))
 
 
 def mailbox(path: str) -> str:
@@ -765,6 +794,65 @@ def test_no_recipient_form_relays_to_a_foreign_domain(start_greyd, upstream, tap
                    for t in upstream.transactions for a, _ in t.rcpts)
 
 
+UTF8_LOCALS = ["s\u00f8ren", "victim", "\u7528\u6237", "victim\uff20evil.example",
+               "victim\uff05evil.example", "evil.example\uff01victim", '"victim\uff20evil.example"',
+               "victim\ufe6bevil.example", "postmaster"]
+UTF8_DOMAINS = ["b\u00fccher.example", "B\u00dcCHER.example", "bu\u0308cher.example",
+                "xn--bcher-kva.example", "\uff42\u00fccher.example", "b\u00fccher\u3002example",
+                "\u0431\u00fccher.example", "b\u00fccher.example.evil.example",
+                "\uff4cocalhost", "l\u043ecalhost", "\u212aamaelia.example.org",
+                "ex\u0430mple.org", "\uff45xample.org", "b\u00fccher.\uff45xample", "b\u00fccher"]
+UTF8_PATHS = [f"<{local}@{domain}>" for local in UTF8_LOCALS for domain in UTF8_DOMAINS]
+
+
+@pytest.mark.parametrize("trust", ["stranger", "whitelisted"])
+def test_no_utf8_recipient_relays_to_a_foreign_domain(start_greyd, trust):
+    """The open-relay test again under SMTPUTF8, with look-alikes of a relayed IDN."""
+    with Upstream(smtputf8=True) as upstream:
+        wire = WireTap(upstream.port)
+        try:
+            g = start_greyd(wire.port, server={"max_errors": 1_000_000},
+                            relay={"domains": ["localhost", "example.org", "b\u00fccher.example"]})
+            if trust == "whitelisted":
+                g.whitelist("client", "127.0.0.1/32")
+                g.whitelist("recipient", "@evil.example")
+            with client(g) as c:
+                results = []
+                for path in UTF8_PATHS:
+                    assert c.cmd(f"MAIL FROM:<{SENDER}> SMTPUTF8") == R(replies.SENDER_OK)
+                    results.append(c.cmd(f"RCPT TO:{path}"))
+                    assert c.cmd("RSET")[0] == 250
+            patterns = ("localhost", "example.org", "xn--bcher-kva.example")
+            by_path = dict(zip(UTF8_PATHS, results))
+            for path, (code, _) in by_path.items():
+                if foreign(mailbox(path), patterns):
+                    assert code in (501, 550), (path, code)
+            relayed_rcpts = [a for t in upstream.transactions for a, _ in t.rcpts]
+            assert not [a for a in relayed_rcpts if foreign(a, patterns)]
+            for stream in wire.streams():
+                for command in sloppy_commands(stream):
+                    if command.upper().startswith(b"RCPT"):
+                        assert not foreign(mailbox(command[8:].decode()), patterns), command
+            expected = RCPT_OK if trust == "whitelisted" else R(replies.greylisted(300))
+            for good in ("<s\u00f8ren@b\u00fccher.example>", "<victim@B\u00dcCHER.example>",
+                         "<victim@xn--bcher-kva.example>", "<s\u00f8ren@bu\u0308cher.example>"):
+                assert by_path[good] == expected, good       # not vacuous
+            assert by_path["<victim@\uff42\u00fccher.example>"] == R(replies.BAD_RECIPIENT)
+            assert by_path["<victim@\u0431\u00fccher.example>"] == R(replies.RELAY_DENIED)
+        finally:
+            wire.close()
+
+
+def test_the_utf8_relay_oracle_is_not_blind():
+    patterns = ("localhost", "xn--bcher-kva.example")
+    assert not foreign("s\u00f8ren@b\u00fccher.example", patterns)
+    assert not foreign("s\u00f8ren@B\u00dcCHER.example", patterns)
+    assert foreign("victim@\uff42\u00fccher.example", patterns)
+    assert foreign("victim\uff20evil.example@localhost", patterns)
+    assert foreign("victim@\u212aocalhost", ("klocalhost", "kocalhost"))
+    assert policy.relay_allowed("s\u00f8ren@B\u00dcCHER.example", patterns)
+
+
 def test_relay_positive_controls(start_greyd, upstream, tap):
     g = start_greyd(tap.port)
     with client(g) as c:
@@ -792,10 +880,23 @@ def test_only_relay_clients_may_relay_and_the_check_would_see_it(start_greyd, up
 
 # -- 3. open relay: the relay check as a pure function --------------------------------------------
 
-PATTERNS = ("localhost", "example.org", ".kamaelia.org")
-# Characters that look like, or case-fold into, the letters of a relayed domain
+PATTERNS = ("localhost", "example.org", ".kamaelia.org", "xn--bcher-kva.example")  # bücher.example
+# Characters that look like, or case-fold or map (UTS 46, NFKC) into, the letters of a
+# relayed domain: KELVIN SIGN, long s, dotless i, Cyrillic (mixed script), fullwidth,
+# mathematical bold, small capitals; and other spellings of "ü"
 CONFUSABLE = {"k": "\u212a", "s": "\u017f", "i": "\u0131", "o": "\u043e", "l": "\uff4c",
               "a": "\u0430", "e": "\u0435"}
+LOOK_ALIKES = {
+    **{ch: [CONFUSABLE[ch]] if ch in CONFUSABLE else [] for ch in "abcdefghijklmnopqrstuvwxyz"},
+}
+for _ch in "abcdefghijklmnopqrstuvwxyz":
+    LOOK_ALIKES[_ch] += [chr(ord(_ch) - 0x61 + 0xFF41), chr(ord(_ch) - 0x61 + 0xFF21),
+                         chr(ord(_ch) - 0x61 + 0x1D41A), _ch.upper()]
+LOOK_ALIKES["c"] += ["\u0441", "\u217d"]      # Cyrillic es, SMALL ROMAN NUMERAL ONE HUNDRED
+LOOK_ALIKES["p"] += ["\u0440"]
+LOOK_ALIKES["x"] += ["\u0445"]
+LOOK_ALIKES["."] = ["\u3002", "\uff0e", "\uff61"]   # ideographic and fullwidth full stops
+LOOK_ALIKES["\u00fc"] = ["u\u0308", "\u00dc", "U\u0308", "\u01d4", "\u0475"]
 
 
 def confuse(domain: str, which: list[bool]) -> str:
@@ -803,15 +904,29 @@ def confuse(domain: str, which: list[bool]) -> str:
                    for ch, flip in zip(domain, which + [False] * len(domain)))
 
 
+def look_alike(domain: str, picks: list[int]) -> str:
+    """`domain` with some characters replaced by look-alikes (pick 0: kept)."""
+    out = []
+    for ch, pick in zip(domain, picks + [0] * len(domain)):
+        choices = LOOK_ALIKES.get(ch, [])
+        out.append(choices[(pick - 1) % len(choices)] if pick and choices else ch)
+    return "".join(out)
+
+
 _PIECES = st.sampled_from([
     "victim", "postmaster", "@", "%", "!", ":", ",", '"', "\\", ".", " ", "localhost",
     "example.org", "mail.kamaelia.org", "kamaelia.org", FOREIGN, "[127.0.0.1]", "[IPv6:::1]",
-    "LOCALHOST", "EVIL.EXAMPLE", "\u212a", "xn--", "=40", "%40"])
+    "LOCALHOST", "EVIL.EXAMPLE", "\u212a", "xn--", "=40", "%40",
+    "b\u00fccher.example", "B\u00dcCHER.example", "xn--bcher-kva.example", "s\u00f8ren", "\u00df",
+    "\uff20", "\uff05", "\uff01", "\ufe6b", "\uff1a", "\u2024", "\uff4cocalhost"])
 _DOMAINS = st.one_of(
     st.sampled_from(["localhost", "example.org", "mail.kamaelia.org", "a.b.kamaelia.org",
                      "kamaelia.org", FOREIGN, "localhost.evil.example", "[127.0.0.1]", ""]),
     st.builds(confuse, st.sampled_from(["localhost", "example.org", "mail.kamaelia.org"]),
               st.lists(st.booleans(), max_size=20)),
+    st.builds(look_alike, st.sampled_from(["localhost", "example.org", "mail.kamaelia.org",
+                                           "b\u00fccher.example", "sub.b\u00fccher.example"]),
+              st.lists(st.integers(0, 8), max_size=24)),
     st.text(max_size=20))
 RECIPIENTS = st.one_of(
     st.lists(_PIECES, max_size=8).map("".join),
@@ -835,6 +950,10 @@ def trusting_everything(request: policy.Request, rules: policy.Rules) -> MemoryF
           suppress_health_check=[HealthCheck.too_slow])
 @given(RECIPIENTS)
 @example("victim@mail.\u212aamaelia.org")              # KELVIN SIGN lower-cases to "k"
+@example("victim@\uff42\u00fccher.example")             # fullwidth b: UTS 46 maps it to "b"
+@example("victim@b\u00fccher\u3002example")             # ideographic full stop
+@example("victim@\u0431\u00fccher.example")             # Cyrillic: another name
+@example("victim\uff20evil.example@localhost")          # fullwidth @ in the local part
 @example('"victim@evil.example"@localhost')
 @example("victim%evil.example@localhost")
 @example("evil.example!victim@localhost")

@@ -132,7 +132,7 @@ def arguments_for(*keywords: str) -> st.SearchStrategy[str]:
     return st.sampled_from([
         near_valid, near_valid, near_valid,
         st.text(max_size=80),                                    # any Unicode
-        st.binary(max_size=80).map(lambda b: b.decode("ascii", "surrogateescape")),  # as greyd reads
+        st.binary(max_size=80).map(lambda b: b.decode("utf-8", "surrogateescape")),  # as greyd reads
     ]).flatmap(lambda chosen: chosen)
 
 
@@ -143,8 +143,9 @@ def outside_quotes(text: str) -> str:
 
 
 def assert_clean_path(address: str) -> None:
-    assert address.isascii() and address.isprintable(), repr(address)
-    assert len(address) <= MAX_PATH
+    """Printable, UTF-8 (RFC 6531: nothing that was not UTF-8 on the wire)."""
+    assert address.isprintable(), repr(address)
+    assert len(address.encode("utf-8")) <= MAX_PATH
     bare = outside_quotes(address)
     for forbidden in ("\r", "\n", "\0", " ", "\t", "<", ">"):
         assert forbidden not in bare, (forbidden, address)
@@ -155,7 +156,8 @@ def assert_clean_params(found: dict) -> None:
     for key, value in found.items():
         assert re.fullmatch(r"[A-Z0-9][A-Z0-9-]*", key), repr(key)
         if value is not None:
-            assert value and value.isascii() and value.isprintable(), repr(value)
+            assert value and value.isprintable(), repr(value)
+            value.encode("utf-8")                       # no surrogates
             assert not any(ch in value for ch in " =\r\n\0"), repr(value)
 
 

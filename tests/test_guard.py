@@ -70,7 +70,7 @@ class FailingStore:
 class FailingRcptRelay(Relay):
     """A relay whose RCPT raises."""
 
-    def rcpt(self, recipient):
+    def rcpt(self, recipient, dsn=()):
         raise PlantedFault("in the relay's RCPT")
 
 

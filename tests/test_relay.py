@@ -9,6 +9,7 @@ from faultyupstream import Fault, FaultyUpstream
 from greyd import replies
 from greyd.relay import Relay, xtext
 from greyd.replies import Reply
+from greyd.upstream import Capabilities
 from upstream import DroppingServer, SilentServer, Upstream, dead_port
 
 pytestmark = pytest.mark.timeout(30)
@@ -302,3 +303,28 @@ def test_ipv6_upstream():
         assert [r.code for r in send(relay)] == [250, 250, 250]
         relay.quit()
         assert upstream.wait_for(1)[0].data == MESSAGE
+
+
+def test_smtputf8_and_dsn_sent_only_to_an_upstream_that_offers_them():
+    with Upstream(smtputf8=True, dsn=True) as full, Upstream() as plain:
+        seen = Capabilities("127.0.0.1", full.port, timeout=5, local_hostname="greyd.test")
+        relay = make_relay(full.port, capabilities=seen)
+        assert relay.mail("j\u00fcrgen@b\u00fccher.example", smtputf8=True,
+                          dsn=("RET=HDRS",)) == Reply(250, ("2.1.0 OK",))
+        assert seen.offered() == ("SMTPUTF8", "DSN")          # told by the relay's own EHLO
+        assert relay.rcpt("s\u00f8ren@b\u00fccher.example", ("NOTIFY=NEVER",)).code == 250
+        assert relay.data(MESSAGE).code == 250
+        relay.quit()
+        [transaction] = full.transactions
+        assert transaction.mail_from == "j\u00fcrgen@b\u00fccher.example"
+        assert "SMTPUTF8" in transaction.mail_options
+        assert (transaction.dsn, transaction.rcpt_dsn) == (["RET=HDRS"], [["NOTIFY=NEVER"]])
+
+        lacking = make_relay(plain.port, capabilities=seen)
+        assert lacking.mail("a@example.org", smtputf8=True) == replies.UPSTREAM_LACKS
+        assert seen.offered() == ()                           # the change is noticed
+        assert lacking.mail("a@example.org", dsn=("RET=FULL",)) == replies.UPSTREAM_LACKS
+        assert lacking.mail("a@example.org").code == 250      # the connection still serves
+        assert lacking.rcpt("bob@localhost", ("NOTIFY=NEVER",)) == replies.UPSTREAM_LACKS
+        lacking.quit()
+        assert [t.mail_from for t in plain.transactions] == ["a@example.org"]

@@ -17,8 +17,9 @@ import pytest
 from certs import HOST, Certs
 from conftest import until
 from daemon import config_for, greyd as run_greyd
-from greyd import config as configuration, replies
+from greyd import config as configuration, replies, tls
 from smtpclient import R, Raw
+from upstream import Upstream
 
 
 @pytest.fixture
@@ -251,16 +252,34 @@ def test_a_certificate_near_its_end_is_warned_of(start_greyd, upstream, certs, l
     assert not logs.matching(f"cert={fresh_cert}")
 
 
-def test_a_detached_daemon_serves_starttls(tmp_path, certs, upstream, port):
+def test_a_detached_daemon_serves_starttls_and_greyd_reload_renews_it(tmp_path, certs,
+                                                                      upstream, port):
     cert, key = certs.issue()
     path = config_for(tmp_path, upstream.port, port, tls={"cert": str(cert), "key": str(key)})
     assert run_greyd("start", config=path).returncode == 0
-    try:
+
+    def serial() -> int:
         c = Raw(port)
         c.cmd("EHLO client.example.net")
         assert c.starttls(certs.client())[0] == 220
         assert c.cmd("EHLO client.example.net")[0] == 250
+        number = int(c.sock.getpeercert()["serialNumber"], 16)
         c.cmd("QUIT")
+        return number
+
+    try:
+        first = serial()
+        good_key = key.read_bytes()
+        key.write_text("not a key\n")                 # a renewal gone wrong: said, not sent
+        run = run_greyd("reload", config=path)
+        assert run.returncode == 1 and run.stderr.startswith(f"greyd: tls.key: {key}: ")
+        assert serial() == first
+        key.write_bytes(good_key)
+        renewed_cert, renewed_key = certs.issue()
+        cert.write_bytes(renewed_cert.read_bytes())
+        key.write_bytes(renewed_key.read_bytes())
+        assert run_greyd("reload", config=path).returncode == 0
+        assert until(lambda: serial() != first, 5)
     finally:
         assert run_greyd("stop", config=path).returncode == 0
 
@@ -288,3 +307,37 @@ def test_a_stop_tells_an_idle_tls_session_421_over_tls(tls_greyd, certs):
     assert c.cmd("EHLO client.example.net")[0] == 250
     g.daemon.stop()
     assert c.reply() == R(replies.SHUTTING_DOWN)
+
+
+@pytest.mark.parametrize("over_tls, protocol", [(True, "UTF8SMTPS"), (False, "UTF8SMTP")])
+def test_received_names_smtputf8_with_and_without_tls(start_greyd, certs, over_tls, protocol):
+    cert, key = certs.issue()
+    with Upstream(smtputf8=True) as upstream:
+        g = start_greyd(upstream.port, tls={"cert": str(cert), "key": str(key)},
+                        relay={"domains": ["bücher.example"]})
+        g.whitelist()
+        c = secured(g, certs) if over_tls else g.raw()
+        assert "SMTPUTF8" in c.cmd("EHLO client.example.net")[1].split("\n")
+        assert c.cmd("MAIL FROM:<jürgen@bücher.example> SMTPUTF8") == R(replies.SENDER_OK)
+        assert c.cmd("RCPT TO:<søren@bücher.example>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        assert c.cmd("Subject: grüße\r\n\r\nHallo.\r\n.".encode())[0] == 250
+        received = upstream.wait_for(1)[0].data.decode()
+    assert f"with {protocol} id " in received
+    assert ("(using TLSv1.3 with cipher " in received) == over_tls
+
+
+def test_the_expiry_watch_looks_again_every_period_until_stopped(certs, logs):
+    cert, key = certs.issue(days=3)
+    certificate = tls.load(configuration.TlsConfig(cert=cert, key=key))
+    watch = tls.ExpiryWatch(lambda: certificate, every=0.05)
+    watch.start()
+    try:
+        assert until(lambda: len(logs.matching(r"^certificate expires soon ")) >= 3, 5)
+    finally:
+        watch.stop()
+    watch._thread.join(5)
+    assert not watch._thread.is_alive()
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=10)
+    assert certificate.expires_within(tls.EXPIRY_WARNING, later)
+    assert not certificate.expires_within(datetime.timedelta(days=1))

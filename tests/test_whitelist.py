@@ -69,6 +69,11 @@ def one_line_error(result, status: int = 1) -> str:
 # -- normalizers (pure) -------------------------------------------------------------
 
 VALID = [
+    ("hostname", "B\u00fccher.example", "xn--bcher-kva.example"),   # either form: one entry
+    ("hostname", ".b\u00fccher.example", ".xn--bcher-kva.example"),
+    ("recipient", "@B\u00dcCHER.example", "@xn--bcher-kva.example"),
+    ("recipient", "J\u00fcrgen@b\u00fccher.example", "j\u00fcrgen@xn--bcher-kva.example"),
+    ("sender", "ju\u0308rgen@bu\u0308cher.example", "j\u00fcrgen@xn--bcher-kva.example"),  # NFC
     ("client", "127.0.0.1", "127.0.0.1/32"),
     ("client", " 192.0.2.7/24 ", "192.0.2.0/24"),
     ("client", "192.0.2.0/255.255.255.0", "192.0.2.0/24"),
@@ -113,7 +118,10 @@ INVALID = [
     ("hostname", "x" * 64 + ".example", "not a valid domain name"),
     ("hostname", "mx.example.com:25", "not a valid domain name"),
     ("hostname", "192.0.2.1", "use --client"),
-    ("hostname", "bücher.example", "xn--"),
+    ("hostname", "\uff42\u00fccher.example", "looks like another"),    # fullwidth b
+    ("hostname", "mx.\u212aamaelia.org", "looks like another"),          # KELVIN SIGN
+    ("recipient", "@\uff4cocalhost", "looks like another"),              # fullwidth l
+    ("sender", "alice@b\u00fccher..example", "not a valid"),
     ("hostname", "mx.example.com\x1b[2J", "unprintable"),
     ("sender", "a@b@c", "expected user@domain"),
     ("sender", "example.com", "write @domain"),
@@ -125,6 +133,7 @@ INVALID = [
     ("sender", "alice@192.0.2.1", "not a name"),
     ("sender", ".alice@example.com", "not a plain local part"),
     ("sender", "x" * 65 + "@example.com", "longer than 64"),
+    ("sender", "\u00e9" * 33 + "@example.com", "longer than 64"),        # 66 octets
     ("recipient", "bob\n@localhost", "unprintable"),
     ("recipient", "bob\udcff@localhost", "not valid UTF-8"),   # a byte 0xff, surrogate-escaped
 ]
@@ -317,6 +326,26 @@ def test_adding_twice_is_not_an_error_and_updates_the_comment(config):
     assert kept.returncode == 0
     [entry] = listed(config)
     assert (entry["value"], entry["comment"]) == ("@example.org", "partner, renewed")
+
+
+def test_either_form_of_an_idn_is_one_entry_and_explain_reads_both(tmp_path):
+    config = write_config(tmp_path, 10025, relay={"domains": ["b\u00fccher.example"]})
+    first = run(config, "add", "--recipient", "@B\u00fcCHER.example")
+    assert first.returncode == 0 and first.stdout == (
+        "added: recipient @xn--bcher-kva.example (given as @B\u00fcCHER.example)\n")
+    again = run(config, "add", "--recipient", "@xn--bcher-kva.example")
+    assert again.stdout.startswith("already present"), again.stdout
+    [entry] = listed(config)
+    assert entry["value"] == "@xn--bcher-kva.example"
+    for recipient in ("bob@b\u00fccher.example", "bob@xn--bcher-kva.example",
+                      "bob@bu\u0308cher.example"):
+        report = explain(config, recipient=recipient)
+        assert (report["action"], report["reason"]) == (
+            "accept", "whitelist:@xn--bcher-kva.example"), recipient
+    for look_alike in ("bob@\uff42\u00fccher.example", "bob@b\u00fccher.example.evil.example"):
+        report = explain(config, recipient=look_alike)
+        assert (report["action"], report["reason"]) == ("reject", "relay-denied"), look_alike
+    assert run(config, "add", "--recipient", "@\uff42\u00fccher.example").returncode == 1
 
 
 def test_removing_an_absent_entry_says_so_and_exits_1(config):

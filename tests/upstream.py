@@ -2,7 +2,8 @@
 
 `Upstream` is an SMTP server on loopback in its own thread that keeps what it
 got (messages, MAIL/RCPT transactions, XCLIENT attributes) and can be told to
-refuse recipients, refuse DATA, offer XCLIENT like Postfix, or STARTTLS.
+refuse recipients, refuse DATA, offer XCLIENT like Postfix, STARTTLS, SMTPUTF8
+(aiosmtpd's own) or DSN (advertised here; its parameters kept as written).
 `dead_port`, `SilentServer` and `DroppingServer` are the upstream failing:
 nothing listening, a server that never speaks, one that hangs up mid-DATA.
 This is a helper module, not a test module.
@@ -11,6 +12,7 @@ This is a helper module, not a test module.
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 import socketserver
 import ssl
@@ -48,6 +50,8 @@ class Transaction:
     mail_from: str
     mail_options: list[str]
     rcpts: list[tuple[str, int]] = field(default_factory=list)
+    dsn: list[str] = field(default_factory=list)              # MAIL's RET=, ENVID= as written
+    rcpt_dsn: list[list[str]] = field(default_factory=list)   # each RCPT's NOTIFY=, ORCPT=
     data_code: int | None = None  # code at the end of DATA; None if DATA never ended
 
 
@@ -56,28 +60,32 @@ class Upstream:
 
     `reject` maps a recipient to the (code, text) its RCPT gets; `data_reply`
     forces the (code, text) at the end of DATA (otherwise 250); `hide` drops
-    EHLO keywords (e.g. {"SIZE"}) from what the server advertises.
+    EHLO keywords (e.g. {"SIZE"}) from what the server advertises; `smtputf8`
+    and `dsn` offer those extensions (both may be changed while it runs: the
+    next connection sees the change).
     """
 
     def __init__(self, *, xclient: bool = False,
                  reject: dict[str, tuple[int, str]] | None = None,
                  data_reply: tuple[int, str] | None = None,
                  host: str = "127.0.0.1", starttls: bool = False,
-                 hide: Iterable[str] = ()):
+                 hide: Iterable[str] = (), smtputf8: bool = False, dsn: bool = False):
         self.host = host
         self.port = free_port(host)
         self.xclient = xclient
         self.reject = {address.lower(): reply for address, reply in (reject or {}).items()}
         self.data_reply = data_reply
         self.hide = {keyword.upper() for keyword in hide}
+        self.smtputf8, self.dsn = smtputf8, dsn
         self.messages: list[Message] = []
         self.transactions: list[Transaction] = []
-        self.connections = 0  # connections that said EHLO or HELO
+        self.connections = 0  # connections that said EHLO or HELO, and more than QUIT after it
+        self.probes = 0       # connections that said EHLO, then QUIT: greyd learning its keywords
         self._changed = threading.Condition()
         self._tls_dir = tempfile.TemporaryDirectory() if starttls else None
         tls_context = _server_tls(Path(self._tls_dir.name)) if starttls else None
         self._controller = _Controller(_Handler(self), hostname=host, port=self.port,
-                                       xclient=xclient, tls_context=tls_context)
+                                       xclient=xclient, tls_context=tls_context, upstream=self)
 
     def __enter__(self) -> Upstream:
         self._controller.start()
@@ -108,6 +116,10 @@ class Upstream:
     def _count_connection(self) -> None:
         self.connections += 1
 
+    def _count_probe(self) -> None:
+        self.connections -= 1
+        self.probes += 1
+
     def _record(self, update) -> None:
         with self._changed:
             update()
@@ -125,6 +137,8 @@ class _Handler:
         lines = [line[4:] for line in responses]
         if self.upstream.xclient:
             lines.insert(-1, "XCLIENT NAME ADDR HELO")
+        if server.offers_dsn:
+            lines.insert(-1, "DSN")
         lines = [lines[0]] + [line for line in lines[1:]
                               if line.split()[0].upper() not in self.upstream.hide]
         return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
@@ -137,7 +151,7 @@ class _Handler:
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         sender = "" if address == "<>" else address
-        transaction = Transaction(sender, list(mail_options))
+        transaction = Transaction(sender, list(mail_options), dsn=server.dsn_taken)
         server.transaction = transaction
         self.upstream._record(lambda: self.upstream.transactions.append(transaction))
         return "250 2.1.0 OK"
@@ -146,7 +160,10 @@ class _Handler:
         code, text = self.upstream.reject.get(address.lower(), (250, "2.1.5 OK"))
         if code == 250:
             envelope.rcpt_tos.append(address)
-        self.upstream._record(lambda: server.transaction.rcpts.append((address, code)))
+        def update():
+            server.transaction.rcpts.append((address, code))
+            server.transaction.rcpt_dsn.append(server.dsn_taken)
+        self.upstream._record(update)
         return f"{code} {text}"
 
     async def handle_DATA(self, server, session, envelope):
@@ -178,18 +195,53 @@ class _Handler:
 class _UpstreamSMTP(SMTP):
     """aiosmtpd's SMTP plus Postfix's XCLIENT command (when offered)."""
 
-    def __init__(self, handler, *, xclient: bool, **kwargs):
+    def __init__(self, handler, *, xclient: bool, dsn: bool, **kwargs):
         super().__init__(handler, **kwargs)
         self.offers_xclient = xclient
+        self.offers_dsn = dsn
+        if dsn:     # RFC 3461 lengthens MAIL and RCPT lines (aiosmtpd's limits are per class)
+            self.command_size_limits = collections.defaultdict(lambda: 1000)
+        self.dsn_taken: list[str] = []    # the DSN parameters of the command being handled
+        self.only_greeted = True          # nothing but EHLO/HELO so far (a probe, if QUIT follows)
+        upstream = handler.upstream
+        self.upstream_record, self.upstream_count_probe = upstream._record, upstream._count_probe
         self.greeted = False
         self.xclient: dict[str, str] = {}
         self.transaction: Transaction | None = None
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self.only_greeted = False
+        await super().smtp_MAIL(self._take_dsn(arg, ("RET", "ENVID")))
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        if self.greeted and self.only_greeted:
+            self.only_greeted = False
+            self.upstream_record(self.upstream_count_probe)
+        await super().smtp_QUIT(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await super().smtp_RCPT(self._take_dsn(arg, ("NOTIFY", "ORCPT")))
+
+    def _take_dsn(self, arg: str | None, keys: tuple[str, ...]) -> str | None:
+        """The argument without its DSN parameters, which are kept as written
+        (aiosmtpd knows no DSN and upper-cases what it keeps)."""
+        self.dsn_taken = []
+        if not self.offers_dsn or not arg:
+            return arg
+        kept = []
+        for word in arg.split(" "):
+            if word.split("=", 1)[0].upper() in keys:
+                self.dsn_taken.append(word)
+            else:
+                kept.append(word)
+        return " ".join(kept)
 
     async def smtp_XCLIENT(self, arg: str | None) -> None:
         """Override client attributes, then restart the session with a 220 greeting."""
         if not self.offers_xclient:
             await self.push('500 Error: command "XCLIENT" not recognized')
             return
+        self.only_greeted = False
         if self.envelope.mail_from:
             await self.push("503 5.5.1 Error: MAIL transaction in progress")
             return
@@ -211,15 +263,17 @@ class _UpstreamSMTP(SMTP):
 
 
 class _Controller(Controller):
-    def __init__(self, handler, *, hostname, port, xclient, tls_context):
+    def __init__(self, handler, *, hostname, port, xclient, tls_context, upstream):
         super().__init__(handler, hostname=hostname, port=port)
+        self.upstream = upstream
         self.xclient = xclient
         self.tls_context = tls_context
         self.protocols: list[_UpstreamSMTP] = []  # one per connection, touched in the loop only
 
     def factory(self):
-        protocol = _UpstreamSMTP(self.handler, xclient=self.xclient, hostname=HOSTNAME,
-                                 decode_data=False, enable_SMTPUTF8=True,
+        protocol = _UpstreamSMTP(self.handler, xclient=self.xclient, dsn=self.upstream.dsn,
+                                 hostname=HOSTNAME, decode_data=False,
+                                 enable_SMTPUTF8=self.upstream.smtputf8,
                                  tls_context=self.tls_context)
         self.protocols.append(protocol)
         return protocol
