@@ -4,7 +4,8 @@ Owns: holding idle connections (each greeted with 220, then silent; or, to a
 greyd offering STARTTLS, each through STARTTLS, the handshake and EHLO, then
 silent), the RSS per connection of each kind, their targets and the
 "Memory" table. Must not: let greyd
-contact an upstream (every recipient here is greylisted).
+relay anything (every recipient here is greylisted; the sink behind it only
+tells greyd its capabilities when greyd starts).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 from bench.certificate import Certificate, client_context, make_certificate
 from bench.client import SENDER_DOMAIN, SESSION_TIMEOUT, connect, python_run, starttls, token
 from bench.daemon import Greyd
-from bench.processes import BenchError, Processes, free_port
+from bench.processes import BenchError, Processes
 from bench.report import Report, progress, sig
+from bench.sink import start_sink
 
 TARGET_KIB_PER_CONNECTION = 32.0
 TARGET_KIB_PER_TLS_CONNECTION = 64.0
@@ -28,9 +30,14 @@ TARGET_KIB_PER_TLS_CONNECTION = 64.0
 def memory(args, procs: Processes, workdir: Path, report: Report, rng: random.Random) -> None:
     """The memory section: greyd's RSS idle, with args.idle plaintext connections, and
     (another greyd, offering STARTTLS) with args.idle connections idle after STARTTLS."""
-    plain = measure_hold(args, procs, workdir / "greyd-memory", report, rng, None)
-    certificate = make_certificate(workdir / "certificate-memory")
-    tls = measure_hold(args, procs, workdir / "greyd-memory-tls", report, rng, certificate)
+    sink = start_sink(args.sink, False, procs, workdir)    # greyd asks it its EHLO at start
+    try:
+        plain = measure_hold(args, procs, workdir / "greyd-memory", sink.port, report, rng, None)
+        certificate = make_certificate(workdir / "certificate-memory")
+        tls = measure_hold(args, procs, workdir / "greyd-memory-tls", sink.port, report, rng,
+                           certificate)
+    finally:
+        procs.stop(sink.proc)
     rows = []
     data = report.data["memory"] = {}
     for figures, bound, kind in ((plain, TARGET_KIB_PER_CONNECTION, ""),
@@ -55,12 +62,13 @@ def memory(args, procs: Processes, workdir: Path, report: Report, rng: random.Ra
         "against a greyd of its own."])
 
 
-def measure_hold(args, procs: Processes, root: Path, report: Report, rng: random.Random,
-                 certificate: Certificate | None) -> tuple[int, int, int, int]:
+def measure_hold(args, procs: Processes, root: Path, upstream: int, report: Report,
+                 rng: random.Random, certificate: Certificate | None
+                 ) -> tuple[int, int, int, int]:
     """One greyd's RSS idle, holding args.idle connections (over STARTTLS with a
     `certificate`), and after they closed: (idle, held, after KiB, connections held)."""
-    # Every recipient is greylisted here: the upstream is never contacted.
-    greyd = Greyd(root, procs, upstream=free_port(), trusted=False, workers=args.workers,
+    # Every recipient is greylisted here: nothing is relayed.
+    greyd = Greyd(root, procs, upstream=upstream, trusted=False, workers=args.workers,
                   tls=certificate)
     context = client_context() if certificate else None
     kind = "TLS " if certificate else ""
