@@ -27,6 +27,7 @@ LINE_LIMIT = COMMAND_LIMIT + max(MAIL_ALLOWANCE + DSN_ALLOWANCE["MAIL"] + SMTPUT
                                  DSN_ALLOWANCE["RCPT"])   # the longest line read whole
 CHUNK = 65536                    # bytes of a message line read at a time, at most
 READ_BUFFER = 16384              # the client's read buffer
+TLS_READ_BUFFER = 2048           # ... after STARTTLS: the TLS engine holds a whole record
 
 
 class Closed(Exception):
@@ -77,7 +78,7 @@ class Channel:
         and before the handshake is thrown away unread, never taken as a
         command (CVE-2011-0411). A failed handshake ends the session."""
         raw = self.rfile.detach()           # with it goes the buffered plaintext
-        self.rfile = io.BufferedReader(raw, READ_BUFFER)
+        self.rfile = io.BufferedReader(raw, TLS_READ_BUFFER)
         try:
             return self._secure(context, timeout)
         except OSError as error:

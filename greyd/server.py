@@ -22,7 +22,6 @@ import threading
 import time
 
 from . import log, tls
-from .tls import HANDSHAKES
 from .admission import Admission, LocalCounts, SharedCounts
 from .channel import READ_BUFFER, Channel
 from .dialogue import Dialogue
@@ -33,6 +32,7 @@ from .values import format_hostport
 GRACE = 30.0           # seconds sessions may finish after a stop (SPEC §3)
 REFUSE_TIMEOUT = 2.0   # bound on writing a 421 to a refused connection
 TLS_CHUNK = 16709      # one TLS record at most (RFC 8446 5.2), read at a time
+TLS_FIRST_READ = 2048  # bytes a TLS read asks for, until one fills them (see _feed)
 IDLE_THREADS = 16      # threads waiting in accept() per listener after a burst; more exit
 IDLE_TIMEOUT = 2.0     # seconds a surplus waiting thread stays without a client
 ACCEPT_PAUSE = 0.05    # seconds before accept() is tried again after it failed
@@ -65,6 +65,7 @@ class Connection(io.RawIOBase):
         self.wake = wake
         self._armed = wake          # the receive timeout the kernel has now
         self.tls: ssl.SSLObject | None = None   # after STARTTLS
+        self._read_size = TLS_FIRST_READ
 
     def readable(self) -> bool:
         return True
@@ -114,7 +115,7 @@ class Connection(io.RawIOBase):
         self.expect(timeout)
         while True:
             try:
-                HANDSHAKES.step(tls)
+                tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
                 self._flush()
@@ -138,8 +139,14 @@ class Connection(io.RawIOBase):
             return count
 
     def _feed(self) -> None:
-        """Read what the client sent next (within the deadline) into the TLS engine."""
-        chunk = self._receive(self.sock.recv, TLS_CHUNK)   # only what came is touched
+        """Read what the client sent next (within the deadline) into the TLS engine.
+
+        What an idle connection holds while it waits is the buffer of this
+        read: a small one, until a read fills it (a message on its way), then
+        a whole record's until one does not."""
+        size = self._read_size
+        chunk = self._receive(self.sock.recv, size)
+        self._read_size = TLS_CHUNK if len(chunk) == size else TLS_FIRST_READ
         if chunk:
             self._incoming.write(chunk)
         else:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import queue
 import ssl
 import threading
 from dataclasses import dataclass
@@ -123,62 +121,6 @@ def session_fields(version: str | None, cipher: str | None) -> dict[str, str]:
     if version is None:
         return {"tls": "none"}
     return {"tls": version, "cipher": cipher or "unknown"}
-
-
-class Handshakes:
-    """The threads that do the handshakes' work (key exchange, signature).
-
-    OpenSSL's handshake runs deep in the stack; done in a session's own
-    thread, the stack pages it touched stay with that thread as long as the
-    session lasts: tens of KiB per idle TLS connection. THREADS threads per
-    process do that work instead, all started at the first handshake (a
-    fixed number, where a ThreadPoolExecutor's would depend on the load so
-    far), and each session's thread only reads and writes. A forked worker
-    starts its own.
-    """
-
-    THREADS = 2
-
-    def __init__(self):
-        self._forget()
-        os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._jobs: queue.SimpleQueue | None = None
-        self._lock = threading.Lock()
-
-    def step(self, tls: ssl.SSLObject) -> None:
-        """`tls.do_handshake()` on a handshake thread; raises what it raised."""
-        jobs = self._jobs or self._start()
-        done, outcome = threading.Event(), []
-        jobs.put((tls, done, outcome))
-        done.wait()
-        if outcome:
-            raise outcome[0]
-
-    def _start(self) -> queue.SimpleQueue:
-        with self._lock:
-            if self._jobs is None:
-                jobs: queue.SimpleQueue = queue.SimpleQueue()
-                for _ in range(self.THREADS):
-                    threading.Thread(target=self._serve, args=(jobs,), name="tls-handshake",
-                                     daemon=True).start()
-                self._jobs = jobs
-            return self._jobs
-
-    @staticmethod
-    def _serve(jobs: queue.SimpleQueue) -> None:
-        while True:
-            tls, done, outcome = jobs.get()
-            try:
-                tls.do_handshake()
-            except BaseException as error:      # noqa: BLE001 - raised again in the session
-                outcome.append(error)
-            del tls
-            done.set()
-
-
-HANDSHAKES = Handshakes()
 
 
 class ExpiryWatch:
