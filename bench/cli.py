@@ -89,6 +89,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", default="auto", type=workers_value,
                         help='greyd\'s server.workers: "auto" (two per CPU, the setting a '
                              'busy MX uses) or a number (default auto)')
+    parser.add_argument("--tls-workers", default=1, type=workers_value,
+                        help="greyd's server.workers in the tls section (default 1, greyd's "
+                             "own default: on a small machine the client's TLS work shares "
+                             "the cores, and workers pinned two per core fight it for them)")
     parser.add_argument("--client", choices=("auto", "postfix", "python"), default="auto",
                         help="load client: smtp-source, or the Python client (default: "
                              "smtp-source when installed)")

@@ -102,7 +102,7 @@ def start_contenders(args, procs, workdir, stack, sink_port, certificate, missin
     """greyd, and Postfix + postgrey unless `missing`, all stopped by `stack`:
     (greyd, the contenders)."""
     greyd = Greyd(workdir / "greyd-tls", procs, upstream=sink_port, trusted=False,
-                  workers=args.workers, tls=certificate)
+                  workers=args.tls_workers, tls=certificate)
     greyd.start()
     stack.callback(greyd.stop)
     contenders = [Contender(GREYD, greyd.port, greyd.cpu_seconds)]
@@ -180,7 +180,8 @@ def tls_table(args, report: Report, ways: list[Way], sink_label: str, missing: s
     legend = [
         f"Deferred sessions (fresh triplets) at concurrency {CONCURRENCY}, on loopback; "
         f"{args.runs} run(s) of {args.sessions:,} sessions per point, median [min–max]; "
-        "greyd and Postfix + postgrey in turn, with the same client and certificate.",
+        "greyd and Postfix + postgrey in turn, with the same client and certificate; "
+        f"greyd with server.workers = {args.tls_workers} (--tls-workers).",
         f"Postfix + postgrey: a private Postfix {postfix_version()}, its smtpd "
         "`check_policy_service` to a private postgrey (delay 300 s), "
         "`smtpd_tls_security_level = may`. Both relay to the "
