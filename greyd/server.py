@@ -120,6 +120,12 @@ class Connection(io.RawIOBase):
             except ssl.SSLWantReadError:
                 self._flush()
                 self._feed()
+            except ssl.SSLError:
+                try:
+                    self._flush()               # the alert that tells the client why
+                except OSError:
+                    pass
+                raise
         self._flush()
         self.tls = tls
         name, _, bits = tls.cipher()

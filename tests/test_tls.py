@@ -148,7 +148,7 @@ def test_tls_1_2_can_be_refused_and_compression_and_renegotiation_are_off(tls_gr
     assert options & ssl.OP_NO_COMPRESSION and options & ssl.OP_NO_RENEGOTIATION
     c = g.raw()
     c.cmd("EHLO client.example.net")
-    with pytest.raises(ssl.SSLError):
+    with pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION"):   # told why, by an alert
         c.starttls(certs.client(maximum_version=ssl.TLSVersion.TLSv1_2))
     c = secured(g, certs)
     assert c.sock.version() == "TLSv1.3"
