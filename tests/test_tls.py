@@ -10,7 +10,6 @@ import os
 import re
 import socket
 import ssl
-import time
 
 import pytest
 
@@ -194,8 +193,8 @@ def test_start_refuses_an_unreadable_or_mismatched_pair_in_one_line(tmp_path, ce
         "tls.cert: " + str(key) + ": no PEM certificate": {"cert": str(key), "key": str(key)},
         "config: tls.key: must be set with tls.cert": {"cert": str(cert)},
     }
-    for expected, tls in cases.items():
-        path = config_for(tmp_path, upstream.port, port, tls=tls)
+    for expected, table in cases.items():
+        path = config_for(tmp_path, upstream.port, port, tls=table)
         for command in (["start"], ["check"]):
             run = run_greyd(*command, config=path)
             assert run.returncode == 1, (command, run.stdout, run.stderr)
