@@ -25,7 +25,7 @@ from .clitools import GreydError, echo_json, load_certificate, load_config, when
 from .daemonize import Pidfile, alive, batch_scheduling, detach, drop_privileges, lookup_user
 from .greylist import Greylister
 from .server import GRACE, Daemon
-from .smtp import Context
+from .context import Context
 from .storage import StoreError
 from .values import ConfigError
 from .workers import WATCH, Workers, master_alive

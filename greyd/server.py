@@ -1,5 +1,8 @@
 """Listening sockets and threads: socketserver glue around `smtp.Session`.
 
+Each accepted client gets a `connection.Connection` (its socket with a
+deadline, TLS after STARTTLS), a `channel.Channel` over it and a session.
+
 One `Listener` (a ThreadingTCPServer) per listen address, all sharing one
 `Context` and one `Admission` (the connection limits). A thread per client
 runs its session's `Dialogue`; the threads take their clients from accept()
@@ -16,161 +19,26 @@ import io
 import logging
 import socket
 import socketserver
-import ssl
-import struct
 import threading
 import time
 
 from . import log, tls
 from .admission import Admission, LocalCounts, SharedCounts
 from .channel import READ_BUFFER, Channel
+from .connection import Connection, timeval
+from .context import Context
 from .dialogue import Dialogue
 from .ip import client_text
-from .smtp import Context, Session
+from .smtp import Session
 from .values import format_hostport
 
 GRACE = 30.0           # seconds sessions may finish after a stop (SPEC §3)
 REFUSE_TIMEOUT = 2.0   # bound on writing a 421 to a refused connection
-TLS_CHUNK = 16709      # one TLS record at most (RFC 8446 5.2), read at a time
-TLS_FIRST_READ = 2048  # bytes a TLS read asks for, until one fills them (see _feed)
 IDLE_THREADS = 16      # threads waiting in accept() per listener after a burst; more exit
 IDLE_TIMEOUT = 2.0     # seconds a surplus waiting thread stays without a client
 ACCEPT_PAUSE = 0.05    # seconds before accept() is tried again after it failed
 
 logger = logging.getLogger(__name__)
-
-
-class Connection(io.RawIOBase):
-    """A client socket whose reads share one deadline.
-
-    `expect(seconds)` starts the clock for what the session reads next (a
-    command line, a line of the message): it must arrive whole within that
-    time, not merely byte by byte, so a client that dribbles one byte at a
-    time cannot hold its thread forever (RFC 5321 4.5.3.2). The C
-    BufferedReader above it still does the line splitting.
-
-    The socket stays in blocking mode and the kernel keeps the timeouts
-    (SO_RCVTIMEO, SO_SNDTIMEO), inherited from the listening socket
-    (`Listener.set_socket_options`), among them a receive timeout of `wake`
-    seconds: a read wakes at least that often to look at the deadline, and
-    the timeout is set anew only when the time left is shorter by more than
-    SLACK, so a brisk session sets no option at all.
-    """
-
-    SLACK = 0.5
-
-    def __init__(self, sock: socket.socket, wake: float):
-        self.sock = sock                # blocking: accepted from a listener without a timeout
-        self.deadline = time.monotonic() + wake
-        self.wake = wake
-        self._armed = wake          # the receive timeout the kernel has now
-        self.tls: ssl.SSLObject | None = None   # after STARTTLS
-        self._read_size = TLS_FIRST_READ
-
-    def readable(self) -> bool:
-        return True
-
-    def expect(self, seconds: float) -> None:
-        self.deadline = time.monotonic() + seconds
-
-    def readinto(self, buffer) -> int:
-        if self.tls is not None:
-            return self._tls_readinto(buffer)
-        return self._receive(self.sock.recv_into, buffer)
-
-    def _receive(self, read, argument):
-        """`read(argument)` on the socket once something came, within the deadline."""
-        while True:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("deadline passed")
-            wanted = remaining if remaining < self.wake else self.wake
-            if abs(wanted - self._armed) > self.SLACK:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(wanted))
-                self._armed = wanted
-            try:
-                return read(argument)
-            except BlockingIOError:     # EAGAIN: the kernel's receive timeout ran out,
-                continue                # which may be before the deadline
-
-    def send(self, data: bytes) -> None:
-        if self.tls is not None:
-            self.tls.write(data)
-            data = self._outgoing.read()
-        try:
-            self.sock.sendall(data)
-        except BlockingIOError:     # EAGAIN: the client has not read for send_timeout
-            raise socket.timeout("write timed out") from None
-
-    # -- TLS, through memory BIOs: the socket stays as it is, and so do the deadlines
-
-    def start_tls(self, context: ssl.SSLContext, timeout: float) -> tuple[str, str, int]:
-        """The server side of a TLS handshake, bounded by `timeout` as a whole;
-        then every read and write goes through it. Returns the protocol
-        version, the cipher and its secret bits; raises OSError
-        (ssl.SSLError, socket.timeout) when the handshake fails."""
-        incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = context.wrap_bio(incoming, self._outgoing, server_side=True)
-        self._incoming = incoming
-        self.expect(timeout)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._flush()
-                self._feed()
-            except ssl.SSLError:
-                try:
-                    self._flush()               # the alert that tells the client why
-                except OSError:
-                    pass
-                raise
-        self._flush()
-        self.tls = tls
-        name, _, bits = tls.cipher()
-        return tls.version(), name, bits
-
-    def _tls_readinto(self, buffer) -> int:
-        while True:
-            try:
-                count = self.tls.read(len(buffer), buffer)
-            except ssl.SSLWantReadError:
-                self._flush()                   # TLS 1.3 may answer, e.g. a key update
-                self._feed()
-                continue
-            except ssl.SSLZeroReturnError:      # close_notify: the end of the stream
-                return 0
-            self._flush()
-            return count
-
-    def _feed(self) -> None:
-        """Read what the client sent next (within the deadline) into the TLS engine.
-
-        What an idle connection holds while it waits is the buffer of this
-        read: a small one, until a read fills it (a message on its way), then
-        a whole record's until one does not."""
-        size = self._read_size
-        chunk = self._receive(self.sock.recv, size)
-        self._read_size = TLS_CHUNK if len(chunk) == size else TLS_FIRST_READ
-        if chunk:
-            self._incoming.write(chunk)
-        else:
-            self._incoming.write_eof()
-
-    def _flush(self) -> None:
-        data = self._outgoing.read()
-        if data:
-            try:
-                self.sock.sendall(data)
-            except BlockingIOError:
-                raise socket.timeout("write timed out") from None
-
-
-def _timeval(seconds: float) -> bytes:
-    """A struct timeval for SO_RCVTIMEO/SO_SNDTIMEO; never 0, which means no limit."""
-    seconds = max(seconds, 0.001)
-    return struct.pack("@ll", int(seconds), int(seconds % 1 * 1_000_000))
 
 
 class Handler(socketserver.BaseRequestHandler):
@@ -223,8 +91,8 @@ class Listener(socketserver.ThreadingTCPServer):
         sock = self.socket
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                        _timeval(self.ctx.config.server.command_timeout))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(IDLE_TIMEOUT))
+                        timeval(self.ctx.config.server.command_timeout))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(IDLE_TIMEOUT))
 
     # -- serving: threads that accept their own clients -----------------------
 

@@ -7,7 +7,7 @@ match, a cipher list OpenSSL does not know. The context has compression
 and renegotiation off and `tls.min_version` as its floor. `ExpiryWatch`
 warns in the log, at start and then once a day, when the certificate
 expires within 14 days. Nothing here reads or writes a client socket: the
-handshake is the connection's (server.Connection.start_tls).
+handshake is the connection's (connection.Connection.start_tls).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ WARN_EVERY = 86400.0        # seconds between two looks at the expiry date
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
-FROM_CONFIG = object()      # "load the certificate config.tls names" (smtp.Context)
+FROM_CONFIG = object()      # "load the certificate config.tls names" (context.Context)
 
 logger = logging.getLogger(__name__)
 

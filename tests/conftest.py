@@ -26,7 +26,7 @@ import pytest
 from greyd import config as configuration, log, policy
 from greyd.greylist import Greylister
 from greyd.server import Daemon
-from greyd.smtp import Context
+from greyd.context import Context
 from greyd.store import Store
 
 from smtpclient import Raw

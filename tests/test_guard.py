@@ -29,7 +29,8 @@ from greyd.channel import Channel
 from greyd.dialogue import Dialogue
 from greyd.greylist import Greylister
 from greyd.relay import Relay
-from greyd.smtp import Context, Session
+from greyd.context import Context
+from greyd.smtp import Session
 from daemon import descriptors, greyd, threads, wait_listening
 from smtpclient import R, Raw
 

@@ -16,7 +16,7 @@ from conftest import write_config
 from greyd import config as configuration, maintenance, replies
 from greyd.greylist import Greylister
 from greyd.server import Daemon
-from greyd.smtp import Context
+from greyd.context import Context
 from greyd.upstream import RETRY, Capabilities
 from greyd.values import ConfigError
 from smtpclient import R, Raw
@@ -39,6 +39,15 @@ def intl():
     """An upstream that offers SMTPUTF8 and DSN."""
     with Upstream(smtputf8=True, dsn=True) as server:
         yield server
+
+
+@pytest.fixture
+def greyd_idn(start_greyd, intl):
+    """greyd relaying bücher.example to `intl`, the test client (127.0.0.1)
+    whitelisted so that every recipient it may relay goes upstream."""
+    g = start_greyd(intl.port, **IDN)
+    g.whitelist()
+    return g
 
 
 def ehlo_keywords(c: Raw) -> list[str]:
@@ -122,9 +131,8 @@ def test_upstream_down_at_start_offers_neither_until_a_later_ehlo_learns_it(serv
     assert upstream.probes == 1
 
 
-def test_a_relay_notices_the_upstream_changed_and_the_client_gets_4xx(start_greyd, intl, logs):
-    g = start_greyd(intl.port, **IDN)
-    g.whitelist()
+def test_a_relay_notices_the_upstream_changed_and_the_client_gets_4xx(greyd_idn, intl, logs):
+    g = greyd_idn
     with client(g) as c:
         assert ehlo_keywords(c)[-2:] == ["SMTPUTF8", "DSN"]
         intl.smtputf8 = intl.dsn = False                  # e.g. the MTA reconfigured
@@ -173,9 +181,8 @@ def test_smtputf8_not_offered_stays_an_unknown_parameter(start_greyd, upstream):
         assert c.cmd(f"MAIL FROM:<{SENDER}>") == R(replies.NEED_SMTPUTF8)
 
 
-def test_invalid_utf8_and_look_alikes_are_refused(start_greyd, intl):
-    g = start_greyd(intl.port, **IDN)
-    g.whitelist()
+def test_invalid_utf8_and_look_alikes_are_refused(greyd_idn, intl):
+    g = greyd_idn
     with client(g) as c:
         assert c.cmd(b"MAIL FROM:<j\xfcrgen@b.example> SMTPUTF8") == R(replies.BAD_SENDER)
         assert c.cmd(f"MAIL FROM:<{SENDER}> SMTPUTF8") == R(replies.SENDER_OK)
@@ -192,9 +199,8 @@ def test_invalid_utf8_and_look_alikes_are_refused(start_greyd, intl):
     assert intl.transactions == []
 
 
-def test_utf8_sender_and_recipient_relayed_intact(start_greyd, intl):
-    g = start_greyd(intl.port, **IDN)
-    g.whitelist()
+def test_utf8_sender_and_recipient_relayed_intact(greyd_idn, intl):
+    g = greyd_idn
     with client(g) as c:
         assert c.cmd(f"MAIL FROM:<{SENDER}> SMTPUTF8") == R(replies.SENDER_OK)
         assert c.cmd(f"RCPT TO:<{RECIPIENT}>") == RCPT_OK
@@ -239,9 +245,8 @@ def test_one_whitelist_entry_for_both_forms(start_greyd, intl):
 
 # -- DSN ----------------------------------------------------------------------------------
 
-def test_dsn_parameters_relayed_unchanged(start_greyd, intl):
-    g = start_greyd(intl.port, **IDN)
-    g.whitelist()
+def test_dsn_parameters_relayed_unchanged(greyd_idn, intl):
+    g = greyd_idn
     orcpt = "ORCPT=rfc822;Bob+2Bx@Example.ORG"
     with client(g) as c:
         assert c.cmd("MAIL FROM:<alice@example.net> RET=hdrs ENVID=QQ314159+2Bx SIZE=99") == \
@@ -257,9 +262,8 @@ def test_dsn_parameters_relayed_unchanged(start_greyd, intl):
     assert transaction.data_code == 250
 
 
-def test_utf8_orcpt_under_smtputf8_relayed_unchanged(start_greyd, intl):
-    g = start_greyd(intl.port, **IDN)
-    g.whitelist()
+def test_utf8_orcpt_under_smtputf8_relayed_unchanged(greyd_idn, intl):
+    g = greyd_idn
     with client(g) as c:
         assert c.cmd(f"MAIL FROM:<{SENDER}> SMTPUTF8") == R(replies.SENDER_OK)
         assert c.cmd(f"RCPT TO:<{RECIPIENT}> ORCPT=utf-8;{RECIPIENT}") == RCPT_OK
