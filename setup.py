@@ -12,6 +12,8 @@ setup(
         "click>=8.1",
         "cryptography>=42",
         "idna>=3.7",
+        "pyspf>=2.0.14",            # SPF (RFC 7208) for SPF-keyed triplets
+        "publicsuffixlist>=1.0",    # registered domains for the "name" client key
     ],
     extras_require={
         "test": [
