@@ -16,7 +16,7 @@ import click
 
 from . import __version__, policy, replies
 from .clitools import GreydError, echo_json, load_certificate, load_config, open_greylister, when
-from .dns import Lookup
+from .dns import NO_SPF, Lookup
 from .ip import client_address
 from .storage import StoreError
 
@@ -82,12 +82,14 @@ def explain(ctx, client, sender, recipient, helo, as_json) -> None:
     lookup = Lookup(config.dns)
     try:
         facts = lookup.check(client)
+        request = policy.Request(client, sender, recipient, helo=helo, client_name=facts.name,
+                                 dnswl=facts.dnswl, dnsbl=facts.dnsbl)
+        with open_greylister(config) as greylister:
+            spf = lookup.spf(client, sender, helo) if greylister.spf_may_matter(
+                request._replace(recipient="")) else NO_SPF
+            verdict, seen, request = greylister.explain(request, spf.result)
     finally:
         lookup.close()
-    request = policy.Request(client, sender, recipient, helo=helo, client_name=facts.name,
-                             dnswl=facts.dnswl, dnsbl=facts.dnsbl)
-    with open_greylister(config) as greylister:
-        verdict, seen = greylister.explain(request)
     report = _explanation(request, verdict, seen)
     if as_json:
         echo_json(report)
@@ -109,6 +111,7 @@ def _explanation(request, verdict: policy.Verdict, seen: policy.Seen | None) -> 
         "name": request.client_name,
         "dnswl": request.dnswl,
         "dnsbl": request.dnsbl,
+        "spf": f"{request.spf} ({request.spf_domain})" if request.spf else None,
         "network": verdict.network,
         "sender": request.sender or "<>",
         "recipient": request.recipient,

@@ -32,7 +32,8 @@ def _filter_options(command):
         click.option("--client", metavar="IP",
                      help="The client's address: matches the network greyd records for it "
                           "(cut to greylist.ipv4_prefix/ipv6_prefix); a network as listed "
-                          "(192.0.2.0/24) works too."),
+                          "(192.0.2.0/24) works too, and so does a key such as "
+                          "spf:example.com (triplets keyed by an SPF pass)."),
         click.option("--sender", metavar="ADDR",
                      help="Envelope sender, normalized as greyd stores it (case folded, "
                           "+extension, BATV and SRS tags removed, digits as #); the stored "

@@ -110,6 +110,11 @@ class GreylistConfig:
     auto_whitelist_after: int = _key(5, values.integer(0))
     header: bool = _key(True, values.boolean)
     on_store_error: str = _key("accept", values.choice("accept", "tempfail"))
+    # What identifies the client side of a triplet, first that applies: "spf"
+    # (spf:<domain>, the client passed SPF for it), "name" (name:<registered
+    # domain of its verified name>), "network" (its ipv4/ipv6_prefix network).
+    client_key: tuple[str, ...] = _key(("spf", "network"), values.client_key)
+    mode: str = _key("all", values.choice("all", "suspicious"))
 
 
 @dataclass(frozen=True)

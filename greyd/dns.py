@@ -40,6 +40,7 @@ import dns.reversename
 
 from . import log
 from .ip import Address, client_address
+from .spfcheck import NOT_CHECKED, SpfCheck, SpfResult, identity
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,25 @@ class Pending:
             yield future
 
 
+class PendingSpf:
+    """An SPF check under way; `result()` waits for it until its deadline."""
+
+    def __init__(self, future: concurrent.futures.Future | None = None,
+                 deadline: float = 0.0, domain: str = ""):
+        self._future, self.deadline, self.domain = future, deadline, domain
+
+    def result(self) -> SpfResult:
+        """The check's result; "temperror" when it is not done by the deadline."""
+        if self._future is None:
+            return NOT_CHECKED
+        concurrent.futures.wait([self._future],
+                                timeout=max(0.0, self.deadline - time.monotonic()))
+        return _outcome(self._future) or SpfResult("temperror", self.domain)
+
+
+NO_SPF = PendingSpf()
+
+
 def _outcome(future):
     if future is None or not future.done() or future.cancelled() or future.exception():
         return None
@@ -115,6 +135,7 @@ class Lookup:
         if self.resolver is not None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 WORKERS, thread_name_prefix="greyd-dns")
+            self._spf = SpfCheck(self.resolver)
 
     def _make_resolver(self) -> dns.resolver.Resolver | None:
         try:
@@ -154,6 +175,25 @@ class Lookup:
         except RuntimeError:         # closed: the daemon is stopping or was reconfigured
             return Pending(known=UNKNOWN)
         return Pending(deadline, name, dnswl, dnsbl)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether lookups are made at all ([dns] enabled, a resolver)."""
+        return self._executor is not None
+
+    def spf(self, client: str, sender: str, helo: str) -> PendingSpf:
+        """Start the SPF check of `client` for `sender` (or the HELO name,
+        for the null sender); never raises."""
+        domain = identity(sender, helo)
+        if self._executor is None or domain is None:
+            return NO_SPF
+        deadline = time.monotonic() + self.config.timeout
+        try:
+            future = self._executor.submit(self._spf.check, client, domain, sender, helo,
+                                           deadline)
+        except RuntimeError:         # closed: the daemon is stopping or was reconfigured
+            return NO_SPF
+        return PendingSpf(future, deadline, domain)
 
     def check(self, client: str) -> ClientDNS:
         """Every lookup for `client`, done now (for `greyd explain`)."""

@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 from . import log, policy
 from .pool import StorePool
 from .recorder import Recorder
+from .spfcheck import SpfResult
 from .storage import Backend, Decision, StoreError, StoreHealth
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class Explanation(NamedTuple):
 
     verdict: policy.Verdict
     seen: policy.Seen | None
+    request: policy.Request      # with the SPF result, when it was asked
 
 
 def backend_for(config) -> Backend:
@@ -43,7 +45,8 @@ class Greylister:
         """`recorder` and `health` are shared by the greylisters of one store
         (a reload keeps them); by default the greylister makes its own."""
         self.config = config
-        self.rules = policy.Rules.from_config(config.relay, config.greylist)
+        self.rules = policy.Rules.from_config(config.relay, config.greylist,
+                                              config.server.hostname)
         self.on_store_error = config.greylist.on_store_error
         self.backend, self.clock = backend, clock
         self.health = health or StoreHealth()
@@ -79,16 +82,24 @@ class Greylister:
         self.recorder.flush()
         self.backend.close()
 
-    def decide(self, request: policy.Request, session: str = "") -> policy.Verdict:
+    def decide(self, request: policy.Request, session: str = "",
+               spf: Callable[[], SpfResult] | None = None) -> policy.Verdict:
         """The verdict for one recipient now: queued for the store, and logged
-        (with the session's id). A failing store gives on_store_error."""
+        (with the session's id). A failing store gives on_store_error.
+
+        `spf` gives the client's SPF result (waiting for a check under way);
+        it is asked only when the answer can change the verdict (see
+        `wants_spf`), so a whitelisted client or a passed triplet never
+        waits for it."""
         now = self.clock()
         rules = self.rules
         try:
-            keys = policy.keys(request, rules)
-            self.recorder.settle(*keys)
-            with self.backend.facts(*keys) as facts:
-                verdict = policy.decide(request, rules, facts, now, keys)
+            verdict = self._verdict(request, now)
+            if spf is not None and self.wants_spf(verdict):
+                result = spf()
+                if result.result:
+                    request = request._replace(spf=result.result, spf_domain=result.domain)
+                    verdict = self._verdict(request, now)
             self.recorder.record(Decision(verdict, now, rules.max_age))
             self.health.ok()
         except StoreError as error:
@@ -98,14 +109,66 @@ class Greylister:
             id=session, client=request.client, name=request.client_name or "unknown",
             helo=request.helo, **{"from": request.sender}, to=request.recipient,
             action=verdict.action, reason=verdict.reason, delay=verdict.delayed,
-            retry_in=verdict.retry_in))
+            retry_in=verdict.retry_in, **_key_fields(request, verdict)))
         return verdict
 
-    def explain(self, request: policy.Request) -> Explanation:
+    def _verdict(self, request: policy.Request, now: float) -> policy.Verdict:
+        keys = policy.keys(request, self.rules)
+        self.recorder.settle(keys)
+        with self.backend.facts(keys.network, keys.triplet) as facts:
+            return policy.decide(request, self.rules, facts, now, keys)
+
+    def wants_spf(self, verdict: policy.Verdict) -> bool:
+        """Whether the client's SPF result could change `verdict`: a
+        greylisting at the triplet step (an SPF pass may find the triplet
+        under its domain's key), or, in mode "suspicious", an acceptance of
+        a client not suspicious so far (an SPF fail would make it so)."""
+        if verdict.reason == policy.NOT_SUSPICIOUS:
+            return True
+        return ("spf" in self.rules.client_key and verdict.triplet is not None
+                and verdict.action != policy.ACCEPT)
+
+    def spf_may_matter(self, request: policy.Request) -> bool:
+        """Whether an SPF check of this transaction's client and sender (a
+        request without a recipient) is worth starting: not for a trusted
+        client, nor for one the whitelists or the auto-whitelist accept
+        whatever the recipient. A failing store says yes."""
+        rules = self.rules
+        if not rules.uses_spf or policy.is_trusted(request.client, rules.relay_clients):
+            return False
+        keys = policy.keys(request, rules)
+        try:
+            with self.backend.facts(keys.network, keys.triplet) as facts:
+                return policy.listed(request, rules, facts, self.clock(), keys.network) is None
+        except StoreError:
+            return True
+
+    def explain(self, request: policy.Request,
+                spf: Callable[[], SpfResult] | None = None) -> Explanation:
         """What `decide` would answer now, and the stored triplet; changes
         nothing and logs nothing. A failing store raises StoreError."""
+        now = self.clock()
+        explanation = self._explained(request, now)
+        if spf is not None and self.wants_spf(explanation.verdict):
+            result = spf()
+            if result.result:
+                request = request._replace(spf=result.result, spf_domain=result.domain)
+                explanation = self._explained(request, now)
+        return explanation
+
+    def _explained(self, request: policy.Request, now: float) -> Explanation:
         keys = policy.keys(request, self.rules)
-        with self.backend.facts(*keys) as facts:
-            verdict = policy.decide(request, self.rules, facts, self.clock(), keys)
+        with self.backend.facts(keys.network, keys.triplet) as facts:
+            verdict = policy.decide(request, self.rules, facts, now, keys)
             seen = facts.seen(verdict.triplet) if verdict.triplet else None
-        return Explanation(verdict, seen)
+        return Explanation(verdict, seen, request)
+
+
+def _key_fields(request: policy.Request, verdict: policy.Verdict) -> dict:
+    """The decision line's say on SPF and on a triplet keyed other than by network."""
+    fields = {}
+    if request.spf:
+        fields["spf"] = f"{request.spf}:{request.spf_domain}"
+    if verdict.triplet is not None and verdict.triplet.network != verdict.network:
+        fields["key"] = verdict.triplet.network
+    return fields

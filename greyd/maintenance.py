@@ -35,7 +35,9 @@ ACTIONS = (policy.GREYLIST, policy.ACCEPT, policy.REJECT)  # always reported, ev
 CLEANUP_KINDS = ("pending_triplets", "passed_triplets", "auto_whitelist", "whitelist")
 
 TRIPLET_KEY = ("network", "sender", "recipient")
-TRIPLET_COLUMNS = "network, sender, recipient, first_seen, last_seen, passed_at"
+# first_seen keeps the fraction of the first attempt's second (policy.judge); listed whole.
+TRIPLET_COLUMNS = ("network, sender, recipient, CAST(first_seen AS INTEGER), last_seen,"
+                   " passed_at")
 
 # progress(table, rows walked in this chunk, rows removed so far in this table)
 Progress = Callable[[str, int, int], None]
@@ -92,8 +94,15 @@ def triplet_filter(*, state: str | None = None, client: str | None = None,
 
 
 def network_of(client: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
-    """The triplet network of an address (cut to the prefixes), or a network as typed."""
+    """The triplet network of an address (cut to the prefixes), a network as
+    typed, or a client key as stored (`spf:example.com`, `name:example.com`)."""
     client = client.strip()
+    kind, colon, domain = client.partition(":")
+    if colon and kind.lower() in ("spf", "name") and domain:
+        name = idn.alabel(domain.rstrip("."))
+        if name is None:
+            raise ValueError(f"not a domain name: {domain}")
+        return f"{kind.lower()}:{name}"
     try:
         return policy.client_network(client, ipv4_prefix, ipv6_prefix)
     except ValueError:

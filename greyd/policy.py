@@ -2,10 +2,16 @@
 
 Everything here is pure: no I/O, no clock, no logging; of the rest of greyd
 it uses only `ip` and `idn`, the address rules (a domain is compared as its
-A-label, so either form of an internationalized name is one key). `decide` reads what it needs through the small `Facts`
+A-label, so either form of an internationalized name is one key),
+`whitelist` (step 3's index) and `suspicion` (mode = "suspicious" and the
+"name" key). `decide` reads what it needs through the small `Facts`
 protocol (the store implements it) and returns a `Verdict` that says what to
 answer and what the store should remember; writing it is the caller's job, so
 `greyd explain` can run exactly the same code and change nothing.
+
+What the DNS says (verified name, DNSxL listings, the SPF result) arrives in
+the `Request`; the client side of a triplet is the first of
+`Rules.client_key` that applies (`keys`).
 """
 
 from __future__ import annotations
@@ -14,18 +20,23 @@ import ipaddress
 import math
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, NamedTuple, Protocol
 
-from . import idn
+from . import idn, suspicion
 from .ip import Network as IPNetwork, client_address
+from .whitelist import Whitelist
 
 ACCEPT, GREYLIST, REJECT, TEMPFAIL = "accept", "greylist", "reject", "tempfail"
 
-# What the store must remember after a decision (Verdict.update).
-NEW, RESTART, EARLY, PASS, KNOWN, AUTO, NOTHING = (
-    "new", "restart", "early", "pass", "known", "auto", "")
+# What the store must remember after a decision (Verdict.update); COUNT: a
+# delivery for the auto-whitelist, with no triplet (mode = "suspicious").
+NEW, RESTART, EARLY, PASS, KNOWN, AUTO, COUNT, NOTHING = (
+    "new", "restart", "early", "pass", "known", "auto", "count", "")
+
+SUSPICIOUS = "suspicious"           # greylist.mode: only suspicious clients are greylisted
+NOT_SUSPICIOUS = "not-suspicious"   # ... and the reason the others are accepted
 
 
 @dataclass(frozen=True)
@@ -41,16 +52,32 @@ class Rules:
     relay_domains: tuple[str, ...] = ("localhost",)
     relay_clients: tuple[IPNetwork, ...] = (
         ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    client_key: tuple[str, ...] = ("spf", "network")
+    mode: str = "all"                   # or "suspicious": greylist only suspicious clients
+    hostname: str = ""                  # server.hostname: with relay_domains, our own names
 
     @classmethod
-    def from_config(cls, relay, greylist) -> "Rules":
-        """Rules from the [relay] and [greylist] sections of a Config."""
+    def from_config(cls, relay, greylist, hostname: str = "") -> "Rules":
+        """Rules from the [relay] and [greylist] sections of a Config (and
+        server.hostname, one of our own names)."""
         return cls(
             delay=greylist.delay, retry_window=greylist.retry_window,
             max_age=greylist.max_age, ipv4_prefix=greylist.ipv4_prefix,
             ipv6_prefix=greylist.ipv6_prefix,
             auto_whitelist_after=greylist.auto_whitelist_after,
-            relay_domains=tuple(relay.domains), relay_clients=tuple(relay.clients))
+            relay_domains=tuple(relay.domains), relay_clients=tuple(relay.clients),
+            client_key=tuple(greylist.client_key), mode=greylist.mode,
+            hostname=hostname)
+
+    @property
+    def own_names(self) -> tuple[str, ...]:
+        """Names a client's HELO must not claim (suspicion.helo_rule)."""
+        return (self.hostname, *self.relay_domains) if self.hostname else self.relay_domains
+
+    @property
+    def uses_spf(self) -> bool:
+        """Whether an SPF result can change a decision."""
+        return "spf" in self.client_key or self.mode == SUSPICIOUS
 
 
 # Request, Triplet and Verdict are made once or more per recipient: named
@@ -71,12 +98,31 @@ class Request(NamedTuple):
     client_name: str | None = None
     dnswl: str | None = None
     dnsbl: str | None = None
+    spf: str = ""            # pyspf's result for spf_domain ("pass", "fail" ...); "": not checked
+    spf_domain: str = ""     # the sender's domain, or the HELO name for the null sender
 
 
 class Triplet(NamedTuple):
+    """A triplet's key. `network` is its client part: the client's network,
+    or `spf:<domain>` / `name:<domain>` (Rules.client_key)."""
+
     network: str
     sender: str
     recipient: str
+
+
+class Keys(NamedTuple):
+    """What a decision looks up: the client's network (the auto-whitelist's
+    key) and the triplets that may identify this recipient's sender, in the
+    order of Rules.client_key; the first is the one a new triplet gets, the
+    last is always the network's."""
+
+    network: str
+    triplets: tuple[Triplet, ...]
+
+    @property
+    def triplet(self) -> Triplet:
+        return self.triplets[0]
 
 
 @dataclass(frozen=True)
@@ -115,15 +161,37 @@ class Facts(Protocol):
 
 
 def decide(request: Request, rules: Rules, facts: Facts, now: float,
-           known_keys: tuple[str, Triplet] | None = None) -> Verdict:
+           known_keys: Keys | None = None) -> Verdict:
     """Decide one recipient; reads `facts`, changes nothing. `known_keys`:
     keys(request, rules), when the caller has them already."""
-    now = int(now)
-    network, triplet = known_keys or keys(request, rules)
+    network, triplets = known_keys or keys(request, rules)
     verdict = relay_check(request, rules, network)
     if verdict is not None:
         return verdict
-    entry = facts.whitelist().match(request, now)
+    verdict = listed(request, rules, facts, now, network)
+    if verdict is not None:
+        return verdict
+    rule = None
+    if rules.mode == SUSPICIOUS:
+        rule = suspicion.suspicion(request.client, request.helo, request.client_name,
+                                   request.dnsbl, request.spf, rules.own_names)
+        if rule is None:
+            return Verdict(ACCEPT, NOT_SUSPICIOUS, network, update=COUNT)
+    verdict = triplet_step(facts, triplets, now, rules, network)
+    if verdict.action == GREYLIST:
+        if request.dnsbl:
+            verdict = verdict._replace(reason=f"{verdict.reason},dnsbl:{request.dnsbl}")
+        if rule is not None:
+            verdict = verdict._replace(reason=f"{verdict.reason},suspicious:{rule}")
+    return verdict
+
+
+def listed(request: Request, rules: Rules, facts: Facts, now: float,
+           network: str) -> Verdict | None:
+    """Steps 3 to 5: accepted by the static whitelist, a DNSWL or the
+    auto-whitelist, or None to go on. With no recipient in `request`, only
+    the entries that hold for every recipient can match."""
+    entry = facts.whitelist().match(request, int(now))
     if entry is not None:
         return Verdict(ACCEPT, f"whitelist:{entry}", network)
     if request.dnswl:
@@ -133,17 +201,56 @@ def decide(request: Request, rules: Rules, facts: Facts, now: float,
         if (auto is not None and auto.count >= rules.auto_whitelist_after
                 and now - auto.last_seen <= rules.max_age):
             return Verdict(ACCEPT, "auto-whitelist", network, update=AUTO)
-    verdict = judge(facts.seen(triplet), now, rules, network, triplet)
-    if request.dnsbl and verdict.action == GREYLIST:
-        verdict = verdict._replace(reason=f"{verdict.reason},dnsbl:{request.dnsbl}")
-    return verdict
+    return None
 
 
-def keys(request: Request, rules: Rules) -> tuple[str, Triplet]:
-    """The client's network and the triplet that `decide` looks up."""
+def triplet_step(facts: Facts, triplets: tuple[Triplet, ...], now: float, rules: Rules,
+                 network: str) -> Verdict:
+    """Step 6 over the triplets that may identify the sender, in order: the
+    first one stored that passes decides; if none does, the first one's own
+    record does (a new triplet gets the first key). So a triplet stored
+    under a later key (the network's, from before an upgrade or from an
+    attempt whose SPF check failed) still lets its retries through."""
+    first = judge(facts.seen(triplets[0]), now, rules, network, triplets[0])
+    if first.action == ACCEPT:
+        return first
+    for triplet in triplets[1:]:
+        seen = facts.seen(triplet)
+        if seen is not None:
+            verdict = judge(seen, now, rules, network, triplet)
+            if verdict.action == ACCEPT:
+                return verdict
+    return first
+
+
+def keys(request: Request, rules: Rules) -> Keys:
+    """The client's network and the triplets that `decide` looks up."""
     network = client_network(request.client, rules.ipv4_prefix, rules.ipv6_prefix)
-    return network, Triplet(network, normalize_sender(request.sender),
-                            idn.address_key(request.recipient))
+    sender = normalize_sender(request.sender)
+    recipient = idn.address_key(request.recipient)
+    triplets = tuple(Triplet(client, sender, recipient)
+                     for client in client_keys(request, rules.client_key, network))
+    return Keys(network, triplets)
+
+
+def client_keys(request: Request, order: tuple[str, ...], network: str) -> list[str]:
+    """The client parts a triplet of this request may have, in `order`:
+    `spf:<domain>` when the client passed SPF for it, `name:<domain>` for a
+    verified name that does not look dynamic (its registered domain), and
+    the network."""
+    found = []
+    for kind in order:
+        if kind == "network":
+            found.append(network)
+            break
+        if kind == "spf" and request.spf == "pass" and request.spf_domain:
+            found.append("spf:" + request.spf_domain)
+        elif kind == "name" and request.client_name and not suspicion.looks_dynamic(
+                request.client_name, request.client):
+            domain = suspicion.registered_domain(request.client_name)
+            if domain:
+                found.append("name:" + domain)
+    return found
 
 
 def relay_check(request: Request, rules: Rules, network: str) -> Verdict | None:
@@ -168,20 +275,29 @@ def without_store(request: Request, rules: Rules, on_store_error: str) -> Verdic
     return Verdict(action, "store-error", network)
 
 
-def judge(seen: Seen | None, now: int, rules: Rules,
+def judge(seen: Seen | None, now: float, rules: Rules,
           network: str = "", triplet: Triplet | None = None) -> Verdict:
-    """The triplet step (SPEC §5.6) alone: a pure function of its record and the
-    time (`network` and `triplet` are only carried into the Verdict)."""
+    """The triplet step (SPEC §5.6) for one triplet: a pure function of its
+    record and the time (`network` and `triplet` are only carried into the
+    Verdict).
+
+    A triplet's first attempt is stored with the fraction of its second
+    (`first_seen`), and the wait is measured from it by the clock's: so a
+    retry passes only once `delay` has really gone by, not up to a second
+    early, and the wait reported (`delayed`) is the whole seconds the
+    sender really waited.
+    """
     if seen is None or (seen.passed is not None and now - seen.last > rules.max_age):
         return Verdict(GREYLIST, "new", network, triplet, retry_in=rules.delay, update=NEW)
     if seen.passed is not None:
         return Verdict(ACCEPT, "known", network, triplet, update=KNOWN)
     waited = now - seen.first
     if waited < rules.delay:
-        return Verdict(GREYLIST, "too-early", network, triplet, retry_in=rules.delay - waited,
-                       delayed=waited, update=EARLY)
+        return Verdict(GREYLIST, "too-early", network, triplet,
+                       retry_in=math.ceil(rules.delay - waited), delayed=max(0, int(waited)),
+                       update=EARLY)
     if waited <= rules.retry_window:
-        return Verdict(ACCEPT, "passed", network, triplet, delayed=waited, update=PASS)
+        return Verdict(ACCEPT, "passed", network, triplet, delayed=int(waited), update=PASS)
     return Verdict(GREYLIST, "expired-retry", network, triplet, retry_in=rules.delay,
                    update=RESTART)
 
@@ -262,107 +378,3 @@ def domain_matches(domain: str, patterns: Iterable[str]) -> bool:
         elif domain == pattern:
             return True
     return False
-
-
-# -- static whitelist ------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Entry:
-    """One static whitelist entry: kind is client, hostname, sender or recipient."""
-
-    kind: str
-    value: str
-    expires: int | None = None
-
-
-@dataclass
-class Whitelist:
-    """The static whitelist, indexed for a match per recipient in a few lookups."""
-
-    networks: dict[int, dict[int, dict[IPNetwork, Entry]]] = field(default_factory=dict)
-    names: dict[str, Entry] = field(default_factory=dict)
-    suffixes: dict[str, Entry] = field(default_factory=dict)
-    patterns: list[tuple[re.Pattern, Entry]] = field(default_factory=list)
-    senders: dict[str, Entry] = field(default_factory=dict)
-    recipients: dict[str, Entry] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, entries: Iterable[Entry]) -> "Whitelist":
-        """Index the entries; one that cannot be read (bad CIDR or regex) is left out."""
-        wl = cls()
-        for entry in entries:
-            try:
-                wl.add(entry)
-            except (ValueError, re.error):
-                continue
-        return wl
-
-    def add(self, entry: Entry) -> None:
-        value = entry.value
-        if entry.kind == "client":
-            net = ipaddress.ip_network(value, strict=False)
-            _keep(self.networks.setdefault(net.version, {}).setdefault(net.prefixlen, {}),
-                  net, entry)
-        elif entry.kind == "hostname":
-            if len(value) > 1 and value.startswith("/") and value.endswith("/"):
-                self.patterns.append((re.compile(value[1:-1], re.IGNORECASE), entry))
-            elif value.startswith("."):
-                _keep(self.suffixes, value.lower(), entry)
-            else:
-                _keep(self.names, value.lower(), entry)
-        elif entry.kind == "sender":
-            _keep(self.senders, value.lower(), entry)
-        elif entry.kind == "recipient":
-            _keep(self.recipients, value.lower(), entry)
-        else:
-            raise ValueError(f"unknown whitelist kind: {entry.kind}")
-
-    def match(self, request: Request, now: int) -> str | None:
-        """The first live entry that covers this request, as shown in reasons."""
-        for entry in self._candidates(request):
-            if entry is not None and (entry.expires is None or entry.expires > now):
-                return entry.value
-        if request.recipient.lower() == "postmaster":
-            return "postmaster"
-        return None
-
-    def _candidates(self, request: Request):
-        address = client_address(request.client)
-        for prefix, nets in self.networks.get(address.version, {}).items():
-            yield nets.get(ipaddress.ip_network((address, prefix), strict=False))
-        if request.client_name:
-            name = request.client_name.lower().rstrip(".")
-            yield self.names.get(name)
-            labels = name.split(".")
-            for i in range(len(labels)):
-                yield self.suffixes.get("." + ".".join(labels[i:]))
-            for pattern, entry in self.patterns:
-                if pattern.search(name):
-                    yield entry
-        yield from _address_candidates(self.senders, request.sender)
-        yield from _address_candidates(self.recipients, request.recipient)
-
-
-def _keep(table: dict, key, entry: Entry) -> None:
-    """Index `entry` under `key`; of two spellings of one entry, the longer-lived wins."""
-    other = table.get(key)
-    if other is None or _lifetime(entry) > _lifetime(other):
-        table[key] = entry
-
-
-def _lifetime(entry: Entry) -> float:
-    return math.inf if entry.expires is None else entry.expires
-
-
-def _address_candidates(table: dict[str, Entry], address: str):
-    """Entries for `user@dom`, then `@dom`, then `user@`."""
-    if not table or not address:
-        return
-    address = idn.address_key(address)
-    local, at, domain = address.rpartition("@")
-    yield table.get(address)
-    if at:
-        yield table.get("@" + domain)
-        yield table.get(local + "@")
-    else:
-        yield table.get(address + "@")

@@ -33,7 +33,7 @@ import time
 import weakref
 from typing import Callable, Sequence
 
-from .policy import ACCEPT, Triplet, Verdict
+from .policy import ACCEPT, Keys, Verdict
 from .storage import Decision, Sessions, StoreError, StoreHealth
 
 GATHER = 0.02          # seconds the writer lets a lot gather once something is queued
@@ -107,13 +107,15 @@ class Recorder:
             self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
             self._thread.start()
 
-    def settle(self, network: str, triplet: Triplet) -> None:
-        """Wait until no queued verdict of this process concerns `triplet` or
-        `network`, so a decision about them reads what came before it. Not
-        while the store is down: then each session waits for its own commit
-        (record), and the writes it would wait for are likely to fail."""
-        if (self._pending and not self.health.down
-                and (triplet in self._pending or network in self._pending)):
+    def settle(self, keys: Keys) -> None:
+        """Wait until no queued verdict of this process concerns the network
+        or a triplet of `keys`, so a decision about them reads what came
+        before it. Not while the store is down: then each session waits for
+        its own commit (record), and the writes it would wait for are likely
+        to fail."""
+        pending = self._pending
+        if pending and not self.health.down and (
+                keys.network in pending or any(t in pending for t in keys.triplets)):
             self._wait(self._queued)
 
     def flush(self) -> None:

@@ -22,7 +22,7 @@ from . import log, message, policy, replies
 from .address import PathError, mail_params, parse, rcpt_params
 from .channel import COMMAND_LIMIT, DSN_ALLOWANCE, MAIL_ALLOWANCE, SMTPUTF8_ALLOWANCE, Received
 from .context import Context
-from .dns import ClientDNS, Pending
+from .dns import NO_SPF, ClientDNS, Pending, PendingSpf
 from .relay import Relay
 from .replies import Reply
 
@@ -77,6 +77,7 @@ class Session:
         self.relay: Relay | None = None
         self.dns: ClientDNS | None = None
         self._pending: Pending | None = None
+        self._spf: PendingSpf = NO_SPF      # this transaction's SPF check
         self.errors = self.junk = self.messages = 0
         self.end = "quit"                 # the session-end word
         self.receiving = False            # DATA said 354: the message comes next
@@ -215,7 +216,20 @@ class Session:
             return replies.MESSAGE_TOO_BIG
         self.envelope = Envelope(path.address, params.size, params.body,
                                  smtputf8=params.smtputf8, dsn=params.dsn)
+        self.start_spf()
         return replies.SENDER_OK
+
+    def start_spf(self) -> None:
+        """Start the client's SPF check for this sender, with the DNS work of
+        the session, so it is in (or nearly) when the first RCPT needs it;
+        unless the greylister says it cannot matter."""
+        self._spf = NO_SPF
+        if not self.ctx.lookup.enabled:
+            return
+        probe = policy.Request(self.client, self.envelope.sender, "", helo=self.helo,
+                               **self.dns_so_far())
+        if self.greylister.spf_may_matter(probe):
+            self._spf = self.ctx.lookup.spf(self.client, self.envelope.sender, self.helo)
 
     def smtp_RCPT(self, arg: str) -> Reply:
         envelope = self.envelope
@@ -234,7 +248,8 @@ class Session:
         if envelope.attempts >= self.config.server.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
         envelope.attempts += 1
-        verdict = self.greylister.decide(self.request(path.address), self.id)
+        verdict = self.greylister.decide(self.request(path.address), self.id,
+                                         spf=self._spf.result)
         if verdict.action != policy.ACCEPT:
             return refusal(verdict)
         reply = self.forward_rcpt(envelope, path.address, dsn)
@@ -250,6 +265,13 @@ class Session:
         return policy.Request(self.client, self.envelope.sender, recipient,
                               helo=self.helo or "", client_name=facts.name,
                               dnswl=facts.dnswl, dnsbl=facts.dnsbl)
+
+    def dns_so_far(self) -> dict:
+        """The DNS facts about the client if they are in already, as Request fields."""
+        if self.dns is None and (self._pending is None or not self._pending.ready()):
+            return {}
+        facts = self.client_dns()
+        return {"client_name": facts.name, "dnswl": facts.dnswl, "dnsbl": facts.dnsbl}
 
     def client_dns(self) -> ClientDNS:
         """The client's DNS facts, collected once per session (waits at most dns.timeout)."""
@@ -308,7 +330,7 @@ class Session:
         return replies.closing(self.config.server.hostname)
 
     def abort_transaction(self) -> None:
-        self.envelope = None
+        self.envelope, self._spf = None, NO_SPF
         if self.relay is not None and self.relay.in_transaction:
             self.relay.rset()
 

@@ -23,9 +23,9 @@ from typing import Iterable, Iterator, Sequence
 import sqlite_utils
 
 from . import policy
-from .policy import AutoEntry, Entry, Seen, Triplet, Verdict
+from .policy import AutoEntry, Seen, Triplet, Verdict
 from .storage import SESSION, Decision, Sessions
-from .whitelist import KINDS as WHITELIST_KINDS
+from .whitelist import KINDS as WHITELIST_KINDS, Entry, Whitelist
 
 BUSY_TIMEOUT = 5.0          # seconds a writer waits for another (cron, CLI)
 MMAP_SIZE = 1 << 30         # bytes of the database file each connection maps
@@ -34,7 +34,9 @@ AUTO_COUNT_INTERVAL = 3600  # a network earns at most one pass per hour
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
-    # WITHOUT ROWID keeps a triplet to its key and three integers.
+    # WITHOUT ROWID keeps a triplet to its key and three numbers. first_seen
+    # holds the first attempt's time with its fraction (a REAL in an INTEGER
+    # column, as SQLite's affinity allows); the others are whole seconds.
     db.execute("""
         CREATE TABLE triplets (
             network TEXT NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
@@ -82,7 +84,7 @@ class Store:
         # Pages read from the mapped file: no read() per page after another
         # connection's write has emptied this one's page cache.
         conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-        self._whitelist: policy.Whitelist | None = None
+        self._whitelist: Whitelist | None = None
         self._whitelist_version = -1
 
     def close(self) -> None:
@@ -141,16 +143,16 @@ class Store:
 
     # -- what the decision reads (policy.Facts) ------------------------------
 
-    def whitelist(self) -> policy.Whitelist:
+    def whitelist(self) -> Whitelist:
         """The static whitelist, reloaded only when it has changed."""
         version = self.conn.execute(
             "SELECT value FROM meta WHERE key = 'whitelist_version'").fetchone()[0]
         return self._whitelist_at(version)
 
-    def _whitelist_at(self, version: int) -> policy.Whitelist:
+    def _whitelist_at(self, version: int) -> Whitelist:
         if version != self._whitelist_version or self._whitelist is None:
             rows = self.conn.execute("SELECT kind, value, expires FROM whitelist")
-            self._whitelist = policy.Whitelist.build(Entry(*row) for row in rows)
+            self._whitelist = Whitelist.build(Entry(*row) for row in rows)
             self._whitelist_version = version
         return self._whitelist
 
@@ -184,12 +186,13 @@ class Store:
         counts: Counter[tuple[int, str, str]] = Counter()
         with self._write_lock, transaction(self.conn):
             fresh: list[tuple] = []
-            for verdict, now, max_age in decisions:
-                now = int(now)
+            for verdict, clock, max_age in decisions:
+                now = int(clock)
                 counts[now - now % 3600, verdict.action, counter_reason(verdict.reason)] += 1
                 if verdict.update in (policy.NEW, policy.RESTART):
+                    # With its fraction: a retry waits the whole delay (policy.judge).
                     t = verdict.triplet
-                    fresh.append((t.network, t.sender, t.recipient, now, now))
+                    fresh.append((t.network, t.sender, t.recipient, clock, now))
                     continue
                 self._insert_fresh(fresh)
                 self._apply(verdict, now, max_age)
@@ -222,6 +225,8 @@ class Store:
             self.conn.execute(
                 "UPDATE triplets SET last_seen = ?, passed_at = coalesce(passed_at, ?)"
                 " WHERE network = ? AND sender = ? AND recipient = ?", (now, now, *key))
+            self._count_delivery(verdict.network, now, max_age)
+        elif update == policy.COUNT:
             self._count_delivery(verdict.network, now, max_age)
         elif update == policy.AUTO:
             self.conn.execute(
@@ -376,7 +381,7 @@ class LazyFacts:
             ).fetchone() or (known, None, None, None, None, None)
         return self._row
 
-    def whitelist(self) -> policy.Whitelist:
+    def whitelist(self) -> Whitelist:
         return self.store._whitelist_at(self._read()[0])
 
     def auto_entry(self, network: str) -> AutoEntry | None:

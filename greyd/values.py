@@ -233,6 +233,20 @@ def array(item: Callable[[Any, str], Any]) -> Callable[[Any, str], tuple]:
     return convert
 
 
+CLIENT_KEYS = ("spf", "name", "network")
+
+
+def client_key(value: Any, key: str) -> tuple[str, ...]:
+    """[greylist] client_key: an ordered, duplicate-free choice of CLIENT_KEYS
+    that ends with "network", the key every client has."""
+    words = array(choice(*CLIENT_KEYS))(value, key)
+    if len(set(words)) != len(words):
+        raise fail(key, "names a key twice", value)
+    if not words or words[-1] != "network":
+        raise fail(key, 'must end with "network" (the key every client has)', value)
+    return words
+
+
 def listen(value: Any, key: str) -> tuple[tuple[str, int], ...]:
     if not isinstance(value, list | tuple):
         raise fail(key, 'must be an array of "host:port" strings', value)

@@ -4,8 +4,11 @@ Owns the spelling of an entry (SPEC §3): a client network, a client hostname
 (exact, `.domain` or `/regex/`), a sender or recipient (`user@dom`, `@dom`,
 `user@`), and the reading of postgrey's `whitelist_clients` and
 `whitelist_recipients` files into such entries. Normalized values are what
-the store keeps and what `policy.Whitelist` matches, so one entry has one
+the store keeps and what `Whitelist` matches, so one entry has one
 spelling and adding it twice finds the first.
+
+`Whitelist` indexes the stored entries for the decision (policy step 3),
+so one recipient is matched in a few lookups.
 
 Pure functions: no I/O, no clock, no store. `KINDS` is the one list of
 whitelist kinds. Every refusal is a ValueError whose text is fit for a
@@ -15,13 +18,17 @@ one-line error message.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import unicodedata
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from . import idn
-from .ip import unmapped_network
+from .ip import Network as IPNetwork, client_address, unmapped_network
+
+if TYPE_CHECKING:
+    from .policy import Request
 
 KINDS = ("client", "hostname", "sender", "recipient")
 IMPORT_KINDS = ("client", "recipient")    # postgrey's two whitelist files
@@ -222,3 +229,107 @@ def postgrey_recipient(text: str) -> tuple[str, str]:
     if "@" not in text:
         text = "@" + text
     return "recipient", normalize_address(text)
+
+
+# -- the index the decision matches against (policy step 3) -------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One static whitelist entry: kind is client, hostname, sender or recipient."""
+
+    kind: str
+    value: str
+    expires: int | None = None
+
+
+@dataclass
+class Whitelist:
+    """The static whitelist, indexed for a match per recipient in a few lookups."""
+
+    networks: dict[int, dict[int, dict[IPNetwork, Entry]]] = field(default_factory=dict)
+    names: dict[str, Entry] = field(default_factory=dict)
+    suffixes: dict[str, Entry] = field(default_factory=dict)
+    patterns: list[tuple[re.Pattern, Entry]] = field(default_factory=list)
+    senders: dict[str, Entry] = field(default_factory=dict)
+    recipients: dict[str, Entry] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, entries: Iterable[Entry]) -> "Whitelist":
+        """Index the entries; one that cannot be read (bad CIDR or regex) is left out."""
+        wl = cls()
+        for entry in entries:
+            try:
+                wl.add(entry)
+            except (ValueError, re.error):
+                continue
+        return wl
+
+    def add(self, entry: Entry) -> None:
+        value = entry.value
+        if entry.kind == "client":
+            net = ipaddress.ip_network(value, strict=False)
+            _keep(self.networks.setdefault(net.version, {}).setdefault(net.prefixlen, {}),
+                  net, entry)
+        elif entry.kind == "hostname":
+            if len(value) > 1 and value.startswith("/") and value.endswith("/"):
+                self.patterns.append((re.compile(value[1:-1], re.IGNORECASE), entry))
+            elif value.startswith("."):
+                _keep(self.suffixes, value.lower(), entry)
+            else:
+                _keep(self.names, value.lower(), entry)
+        elif entry.kind == "sender":
+            _keep(self.senders, value.lower(), entry)
+        elif entry.kind == "recipient":
+            _keep(self.recipients, value.lower(), entry)
+        else:
+            raise ValueError(f"unknown whitelist kind: {entry.kind}")
+
+    def match(self, request: "Request", now: int) -> str | None:
+        """The first live entry that covers this request, as shown in reasons."""
+        for entry in self._candidates(request):
+            if entry is not None and (entry.expires is None or entry.expires > now):
+                return entry.value
+        if request.recipient.lower() == "postmaster":
+            return "postmaster"
+        return None
+
+    def _candidates(self, request: "Request"):
+        address = client_address(request.client)
+        for prefix, nets in self.networks.get(address.version, {}).items():
+            yield nets.get(ipaddress.ip_network((address, prefix), strict=False))
+        if request.client_name:
+            name = request.client_name.lower().rstrip(".")
+            yield self.names.get(name)
+            labels = name.split(".")
+            for i in range(len(labels)):
+                yield self.suffixes.get("." + ".".join(labels[i:]))
+            for pattern, entry in self.patterns:
+                if pattern.search(name):
+                    yield entry
+        yield from _address_candidates(self.senders, request.sender)
+        yield from _address_candidates(self.recipients, request.recipient)
+
+
+def _keep(table: dict, key, entry: Entry) -> None:
+    """Index `entry` under `key`; of two spellings of one entry, the longer-lived wins."""
+    other = table.get(key)
+    if other is None or _lifetime(entry) > _lifetime(other):
+        table[key] = entry
+
+
+def _lifetime(entry: Entry) -> float:
+    return math.inf if entry.expires is None else entry.expires
+
+
+def _address_candidates(table: dict[str, Entry], address: str):
+    """Entries for `user@dom`, then `@dom`, then `user@`."""
+    if not table or not address:
+        return
+    address = idn.address_key(address)
+    local, at, domain = address.rpartition("@")
+    yield table.get(address)
+    if at:
+        yield table.get("@" + domain)
+        yield table.get(local + "@")
+    else:
+        yield table.get(address + "@")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from greyd import config as configuration, log, policy
+from greyd import config as configuration, log, policy, whitelist
 from greyd.greylist import Greylister
 from greyd.server import Daemon
 from greyd.context import Context
@@ -213,12 +213,12 @@ class MemoryFacts:
     written: a policy test says what the store would hold, and `decide` reads it.
     """
 
-    entries: list[policy.Entry] = field(default_factory=list)
+    entries: list[whitelist.Entry] = field(default_factory=list)
     networks: dict[str, policy.AutoEntry] = field(default_factory=dict)
     triplets: dict[policy.Triplet, policy.Seen] = field(default_factory=dict)
 
     def whitelist(self) -> policy.Whitelist:
-        return policy.Whitelist.build(self.entries)
+        return whitelist.Whitelist.build(self.entries)
 
     def auto_entry(self, network: str) -> policy.AutoEntry | None:
         return self.networks.get(network)

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from conftest import MemoryFacts
 from greyd import log, policy, replies
+from greyd.whitelist import Entry
 from greyd.cli import cli
 from smtpclient import R, Raw
 from upstream import Upstream
@@ -939,9 +940,8 @@ def trusting_everything(request: policy.Request, rules: policy.Rules) -> MemoryF
     """Facts for policy.decide that let anything through: the client's network and
     hostname whitelisted and auto-whitelisted, its triplet passed long ago. The relay
     check must still hold."""
-    network, triplet = policy.keys(request, rules)
-    return MemoryFacts(entries=[policy.Entry("client", "0.0.0.0/0"),
-                                policy.Entry("hostname", "/.*/")],
+    network, (triplet,) = policy.keys(request, rules)
+    return MemoryFacts(entries=[Entry("client", "0.0.0.0/0"), Entry("hostname", "/.*/")],
                        networks={network: policy.AutoEntry(count=1000, last_seen=0)},
                        triplets={triplet: policy.Seen(first=0, last=0, passed=0)})
 

@@ -78,7 +78,7 @@ def test_explain_decides_the_same_and_changes_nothing(config, clock, logs):
     greylister.close()
     before, lines = rows(config), len(logs.messages)
     clock.advance(100)
-    verdict, seen = Greylister(config, StorePool(config.database.path),
+    verdict, seen, _ = Greylister(config, StorePool(config.database.path),
                                clock=clock).explain(REQUEST)
     assert (verdict.action, verdict.reason, verdict.retry_in) == (policy.GREYLIST,
                                                                   "too-early", 200)
@@ -194,3 +194,23 @@ def test_a_store_other_than_sqlite_serves_sessions_unchanged(start_greyd, upstre
         policy.Triplet("127.0.0.0/24", "alice@example.net", "bob@localhost"):
             Seen(int(clock.now) - 61, int(clock.now), int(clock.now))}
     assert not (g.config.database.path).exists()
+
+
+def test_the_delay_is_the_delay_to_the_fraction_of_a_second(config, clock, logs):
+    """A first attempt at :40.933 with a 3 s delay: a retry at :43.084 is too
+    early (2.151 s), as is one at :43.932; one at :43.933 passes, and it
+    reports the 3 s the sender really waited."""
+    config = dataclasses.replace(config, greylist=dataclasses.replace(config.greylist, delay=3))
+    greylister = Greylister.open(config, clock=clock)
+    clock.now = T + 0.933
+    assert greylister.decide(REQUEST).reason == "new"
+    greylister.recorder.flush()
+    clock.now = T + 3.084
+    early = greylister.decide(REQUEST)
+    assert (early.reason, early.retry_in) == ("too-early", 1)
+    clock.now = T + 3.932
+    assert greylister.decide(REQUEST).reason == "too-early"
+    clock.now = T + 3.933
+    passed = greylister.decide(REQUEST)
+    greylister.close()
+    assert (passed.reason, passed.delayed) == ("passed", 3)

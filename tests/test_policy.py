@@ -19,9 +19,10 @@ from conftest import MemoryFacts
 from greyd import config as configuration
 from greyd import policy
 from greyd.policy import (
-    ACCEPT, GREYLIST, REJECT, TEMPFAIL, AutoEntry, Entry, Request, Rules, Seen, Triplet,
-    Whitelist, client_network, decide, domain_matches, judge, normalize_sender,
-    relay_allowed, without_store)
+    ACCEPT, GREYLIST, REJECT, TEMPFAIL, AutoEntry, Request, Rules, Seen, Triplet,
+    client_network, decide, domain_matches, judge, normalize_sender, relay_allowed,
+    without_store)
+from greyd.whitelist import Entry, Whitelist
 
 pytestmark = pytest.mark.timeout(30)
 

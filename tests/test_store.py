@@ -771,7 +771,8 @@ def test_a_decision_waits_for_this_process_s_queued_writes_about_its_triplet(poo
     locker.execute("BEGIN IMMEDIATE")         # the writer thread waits behind this
 
     def settling(network, triplet) -> threading.Thread:
-        thread = threading.Thread(target=recorder.settle, args=(network, triplet), daemon=True)
+        thread = threading.Thread(target=recorder.settle,
+                                  args=(policy.Keys(network, (triplet,)),), daemon=True)
         thread.start()
         thread.join(0.5)
         return thread

@@ -19,7 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from greyd import whitelist
-from greyd.policy import Entry, Request, Whitelist
+from greyd.policy import Request
+from greyd.whitelist import Entry, Whitelist
 from greyd.store import Store
 
 from conftest import write_config
