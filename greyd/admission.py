@@ -3,9 +3,10 @@
 `Admission` counts the open sessions of one process and decides whether a
 new one may start. A client is counted by `client_key`: an IPv4 client by
 its address, an IPv6 client by its network cut to greylist.ipv6_prefix (one
-host may own a whole /64, so counting its addresses would limit nothing). With server.workers > 1 the limits hold for the whole
-daemon, so the counts live in `SharedCounts`, memory mapped before the
-workers are forked, where each worker writes only its own region:
+host may own a whole /64, so counting its addresses would limit nothing).
+With server.workers > 1 the limits hold for the whole daemon, so the counts
+live in `SharedCounts`, memory mapped before the workers are forked, where
+each worker writes only its own region:
 
 - a region is the worker's total and, per client, counters in a small
   count-min sketch (two rows of hashed slots), so no address needs to be
