@@ -1,9 +1,12 @@
 """Connection limits: server.max_connections and max_connections_per_client.
 
 `Admission` counts the open sessions of one process and decides whether a
-new one may start. With server.workers > 1 the limits hold for the whole
-daemon, so the counts live in `SharedCounts`, memory mapped before the
-workers are forked, where each worker writes only its own region:
+new one may start. A client is counted by `client_key`: an IPv4 client by
+its address, an IPv6 client by its network cut to greylist.ipv6_prefix (one
+host may own a whole /64, so counting its addresses would limit nothing).
+With server.workers > 1 the limits hold for the whole daemon, so the counts
+live in `SharedCounts`, memory mapped before the workers are forked, where
+each worker writes only its own region:
 
 - a region is the worker's total and, per client, counters in a small
   count-min sketch (two rows of hashed slots), so no address needs to be
@@ -18,16 +21,33 @@ workers are forked, where each worker writes only its own region:
 
 from __future__ import annotations
 
+import ipaddress
 import mmap
 import socket
 import threading
 from collections import Counter
+from functools import lru_cache
 
 from . import replies
+from .ip import client_address
 
 ROWS = 2                  # hashed rows of the per-client sketch
 SLOTS = 1 << 14           # counters per row
 PRESSURE = 0.8            # share of max_connections at which the daemon is "under pressure"
+
+
+@lru_cache(maxsize=4096)
+def client_key(client: str, ipv6_prefix: int) -> str:
+    """What max_connections_per_client counts `client` as: an IPv4 address
+    as itself (IPv4-mapped IPv6 counts as IPv4), an IPv6 address as its
+    network cut to `ipv6_prefix`; anything else as it is written."""
+    try:
+        address = client_address(client)
+    except ValueError:
+        return client
+    if address.version == 4:
+        return str(address)
+    return str(ipaddress.ip_network((address, ipv6_prefix), strict=False))
 
 
 class LocalCounts:
@@ -94,13 +114,14 @@ class SharedCounts:
 
 
 class Admission:
-    """Counts open sessions, overall and per client address, against the limits."""
+    """Counts open sessions, overall and per client (`client_key`), against the limits."""
 
     def __init__(self, max_connections: int, per_client: int,
-                 counts: LocalCounts | SharedCounts | None = None):
+                 counts: LocalCounts | SharedCounts | None = None, ipv6_prefix: int = 64):
         self.max_connections, self.per_client = max_connections, per_client
+        self.ipv6_prefix = ipv6_prefix      # a reload may change it: sockets keep their key
         self.counts = counts or LocalCounts()
-        self.sockets: dict[socket.socket, str] = {}       # this process's sessions
+        self.sockets: dict[socket.socket, str] = {}       # this process's sessions, their key
         self.sessions: dict[socket.socket, object] = {}
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)    # notified when none are left
@@ -115,6 +136,7 @@ class Admission:
     def admit(self, sock: socket.socket, client: str) -> replies.Reply | None:
         """None when the session may start, else the 421 to send."""
         counts = self.counts
+        client = client_key(client, self.ipv6_prefix)
         with self._lock:
             counts.add(client, 1)                 # first counted, then compared
             self.sockets[sock] = client

@@ -197,18 +197,24 @@ class _progressbar:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.pass_context
 def stats(ctx: click.Context, as_json: bool) -> None:
-    """Triplets, auto-whitelist, whitelist sizes, and the decisions and sessions
-    (over TLS, in plaintext) of the last hour and day.
+    """Triplets, auto-whitelist, whitelist sizes, the decisions and sessions
+    (over TLS, in plaintext) of the last hour and day, and what greylisting
+    cost the mail that passed.
 
     Decisions are counted per clock hour: "last hour" is this hour and the
     one before, "last day" this hour and the 24 before (the output says
     since when). Whitelist sizes count live entries; expired ones, which
-    cleanup removes, are counted apart.
+    cleanup removes, are counted apart. The greylisting delay of a triplet
+    is from its first try to the retry that passed; median, 90th percentile
+    (nearest rank) and longest are over the triplets that passed in the
+    last 24 hours and the last 7 days, and the five sender domains held
+    longest over the week are listed.
 
     \b
     Examples:
       greyd stats
       greyd stats --json | jq .decisions.hour.actions
+      greyd stats --json | jq .greylist_delay.week
     """
     config = load_config(ctx)
     greylist = config.greylist
@@ -253,6 +259,44 @@ def _print_stats(report: dict) -> None:
         click.echo(f"{name:<28} {counts[0]:>10} {counts[1]:>10}")
     click.echo(f"(counted per clock hour: last hour since {when(hour['since'], zone=False)}, "
                f"last day since {when(day['since'], zone=False)})")
+    click.echo("")
+    _print_delay(report["greylist_delay"], report["held_longest"])
+
+
+def _print_delay(delay: dict, held: list[dict]) -> None:
+    """What greylisting cost the mail that passed: delays over the day and week,
+    and the sender domains held longest."""
+    day, week = delay["day"], delay["week"]
+    if not week["passed"]:
+        click.echo("greylisting delay: no mail delayed (no triplet passed in the last week)")
+        return
+    rows = [("greylisting delay", "last day", "last week"),
+            ("  passed triplets", day["passed"], week["passed"])]
+    for key, label in (("median", "median"), ("p90", "90th percentile"), ("max", "longest")):
+        rows.append((f"  {label}", duration(day[key]), duration(week[key])))
+    for name, *cells in rows:
+        click.echo(f"{name:<28} {cells[0]:>14} {cells[1]:>14}")
+    click.echo("(delay: first try to the retry that passed; percentiles by nearest rank)")
+    click.echo("")
+    width = max(28, *(len(row["domain"]) + 2 for row in held))
+    click.echo(f"{'held longest (last week)':<{width}} {'passed':>8} {'longest':>14} "
+               f"{'median':>14}")
+    for row in held:
+        click.echo(f"{'  ' + row['domain']:<{width}} {row['passed']:>8} "
+                   f"{duration(row['max']):>14} {duration(row['median']):>14}")
+
+
+def duration(seconds: int | None) -> str:
+    """A delay as stats shows it: '45s', '5m 12s', '2h 0m 5s', '1d 3h 0m 0s'; None is '-'."""
+    if seconds is None:
+        return "-"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m")]
+    while parts and not parts[0][0]:
+        parts.pop(0)
+    return " ".join([f"{n}{unit}" for n, unit in parts] + [f"{seconds}s"])
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:

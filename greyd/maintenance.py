@@ -33,6 +33,8 @@ MAX_PAUSE = 0.5        # seconds: the longest rest between two write transaction
 LARGE_STORE = 50_000    # triplets from which cleanup shows a progress bar on a terminal
 ACTIONS = (policy.GREYLIST, policy.ACCEPT, policy.REJECT)  # always reported, even at 0
 CLEANUP_KINDS = ("pending_triplets", "passed_triplets", "auto_whitelist", "whitelist")
+DELAY_WINDOWS = {"day": 86400, "week": 7 * 86400}   # greylisting delay, by passed_at
+HELD_LONGEST = 5        # sender domains `stats` shows as the ones held longest
 
 TRIPLET_KEY = ("network", "sender", "recipient")
 # first_seen keeps the fraction of the first attempt's second (policy.judge); listed whole.
@@ -308,6 +310,9 @@ def stats(conn: sqlite3.Connection, *, auto_whitelist_after: int, max_age: int,
                       "day": decisions(conn, this_hour - 24 * 3600)},
         "sessions": {"hour": sessions(conn, this_hour - 3600),
                      "day": sessions(conn, this_hour - 24 * 3600)},
+        "greylist_delay": {name: greylist_delay(conn, now - seconds, now)
+                           for name, seconds in DELAY_WINDOWS.items()},
+        "held_longest": held_longest(conn, now - DELAY_WINDOWS["week"], now),
     }
 
 
@@ -334,3 +339,46 @@ def decisions(conn: sqlite3.Connection, since: int) -> dict:
         reasons.setdefault(action, {})[reason] = count
     return {"since": since, "total": sum(actions.values()), "actions": actions,
             "reasons": reasons}
+
+
+# The delays of the triplets that passed in a window, each with its rank in
+# its partition (nearest rank: the p-th percentile of n is the value of rank
+# ceil(p * n / 100), 1-based). The triplets table has no index on passed_at,
+# so this is one scan of the table and one sort of the window's delays.
+_RANKED = """
+    SELECT part, delay, row_number() OVER w AS rank,
+           count(*) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS n
+    FROM (SELECT {partition} AS part, passed_at - first_seen AS delay FROM triplets
+          WHERE passed_at > :since AND passed_at <= :now)
+    WINDOW w AS (PARTITION BY part ORDER BY delay)"""
+_NEAREST = "({p} * n + 99) / 100"
+# The sender's domain: what follows its last '@' (rtrim strips every trailing
+# character but '@'); the null sender '<>' has none and stays '<>'.
+_DOMAIN = "substr(sender, length(rtrim(sender, replace(sender, '@', ''))) + 1)"
+
+
+def greylist_delay(conn: sqlite3.Connection, since: int, now: int) -> dict:
+    """How long greylisting held the triplets that passed after `since` (up to
+    `now`): how many, and the median, 90th percentile (nearest rank) and
+    longest delay in seconds, None when none passed. Three rows leave SQLite."""
+    figures = {"since": since, "passed": 0, "median": None, "p90": None, "max": None}
+    sql = (f"SELECT n, rank, delay FROM ({_RANKED.format(partition=0)})"
+           f" WHERE rank IN ({_NEAREST.format(p=50)}, {_NEAREST.format(p=90)}, n)")
+    for n, rank, delay in conn.execute(sql, {"since": since, "now": now}):
+        figures["passed"] = n
+        for name, p in (("median", 50), ("p90", 90), ("max", 100)):
+            if rank == (p * n + 99) // 100:
+                figures[name] = delay
+    return figures
+
+
+def held_longest(conn: sqlite3.Connection, since: int, now: int,
+                 limit: int = HELD_LONGEST) -> list[dict]:
+    """The sender domains whose mail passing after `since` was held longest:
+    by longest delay, then median (nearest rank), then the most triplets."""
+    sql = (f"SELECT part, n, max(delay), max(CASE WHEN rank = {_NEAREST.format(p=50)}"
+           f" THEN delay END) AS median FROM ({_RANKED.format(partition=_DOMAIN)})"
+           " GROUP BY part ORDER BY max(delay) DESC, median DESC, n DESC, part LIMIT :limit")
+    return [{"domain": domain, "passed": n, "max": longest, "median": median}
+            for domain, n, longest, median in conn.execute(
+                sql, {"since": since, "now": now, "limit": limit})]

@@ -191,7 +191,7 @@ class Daemon:
         self.ctx, self.grace = ctx, grace
         self.expiry = tls.ExpiryWatch(lambda: self.ctx.tls) if first else None
         self.admission = Admission(server.max_connections, server.max_connections_per_client,
-                                   counts)
+                                   counts, ipv6_prefix=ctx.config.greylist.ipv6_prefix)
         ctx.under_pressure = self.admission.under_pressure
         self.listeners: list[Listener] = []
         try:
@@ -265,6 +265,7 @@ class Daemon:
         self._watch_expiry()
         self.admission.max_connections = config.server.max_connections
         self.admission.per_client = config.server.max_connections_per_client
+        self.admission.ipv6_prefix = config.greylist.ipv6_prefix
         if tuple(config.server.listen) != tuple(old.config.server.listen):
             logger.warning("reload: new listen addresses take a restart")
         logger.info("reloaded %s", log.fields(config=config.source or "defaults"))

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_config
-from greyd import maintenance
+from greyd import cli_maintenance, maintenance
 from greyd.store import Store
 from daemon import GREYD, Foreground, config_for, greyd, wait_listening
 from smtpclient import deliver
@@ -606,3 +606,148 @@ def test_stats_counts_decisions_triplets_and_whitelists(tmp_path, upstream):
                                    ("whitelist", 1, 1), ("relay-denied", 1, 1),
                                    ("total", 6, 13)]:
         assert re.search(rf"^ +{label} +{in_hour} +{in_day}$", out, re.M), label
+
+
+# -- stats: what greylisting cost the mail that passed ------------------------------------------
+
+CLOCK = 1_800_000_000                # the stats' clock in the tests that pass `now` in
+
+
+def passed(sender: str, delay: int, ago: int, network: str = "192.0.2.0/24",
+           recipient: str | None = None) -> tuple:
+    """A triplet first seen `delay` s before it passed, `ago` s before CLOCK."""
+    at = CLOCK - ago
+    return (network, sender, recipient or f"to{delay}.{ago}@localhost", at - delay, at, at)
+
+
+DELAYED = [
+    # in the last day: 301, 312, 330, 400, 600, 900, 1200, 3000, 7200, 9000 (n = 10)
+    passed("alice@example.net", 312, HOUR),
+    passed("bob@example.net", 600, 2 * HOUR),
+    passed("<>", 9000, 3 * HOUR),
+    passed("news@lists.example.org", 301, 4 * HOUR),
+    passed("news@lists.example.org", 330, 5 * HOUR, network="spf:example.org"),
+    passed("billing@slow.example", 7200, 6 * HOUR),
+    passed("carol@example.net", 400, 7 * HOUR),
+    passed("\"x@y\"@relay.example", 900, 8 * HOUR),
+    passed("dave@example.net", 1200, 9 * HOUR, network="2001:db8::/64"),
+    passed("mx#@bounce.example", 3000, DAY - 1),       # the day's last second
+    # in the week only: 303, 305, 500, 86400 (n = 14 with the day's)
+    passed("erin@example.net", 500, DAY),              # exactly a day ago: the week's
+    passed("frank@other.example", 303, 3 * DAY),
+    passed("alice@example.net", 86400, 5 * DAY),
+    passed("grace@tiny.example", 305, 7 * DAY - 1),
+    # in neither: passed too early, passed "after" CLOCK, still pending
+    passed("old@example.net", 99999, 7 * DAY),
+    passed("future@example.net", 99999, -60),
+    ("192.0.2.0/24", "slow@example.net", "z@localhost", CLOCK - 5 * DAY, CLOCK - HOUR, None),
+]
+
+
+def test_greylist_delay_over_the_day_and_week_by_nearest_rank(tmp_path):
+    """Nearest rank: the p-th percentile of n delays is the ceil(p/100 * n)-th smallest."""
+    with open_db(tmp_path) as store:
+        fill(store, DELAYED)
+        report = maintenance.stats(store.conn, auto_whitelist_after=5, max_age=MAX_AGE, now=CLOCK)
+    # day, sorted: 301 312 330 400 600 | 900 1200 3000 7200 9000: median rank 5, p90 rank 9
+    assert report["greylist_delay"]["day"] == {
+        "since": CLOCK - DAY, "passed": 10, "median": 600, "p90": 7200, "max": 9000}
+    # week: 301 303 305 312 330 400 500 | 600 900 1200 3000 7200 9000 86400:
+    # median rank 7, p90 rank ceil(12.6) = 13
+    assert report["greylist_delay"]["week"] == {
+        "since": CLOCK - 7 * DAY, "passed": 14, "median": 500, "p90": 9000, "max": 86400}
+
+
+def test_greylist_delay_of_one_and_of_none(tmp_path):
+    with open_db(tmp_path) as store:
+        fill(store, [passed("alice@example.net", 420, 3 * DAY)])
+        one = maintenance.stats(store.conn, auto_whitelist_after=5, max_age=MAX_AGE, now=CLOCK)
+    assert one["greylist_delay"]["week"] == {
+        "since": CLOCK - 7 * DAY, "passed": 1, "median": 420, "p90": 420, "max": 420}
+    assert one["greylist_delay"]["day"] == {
+        "since": CLOCK - DAY, "passed": 0, "median": None, "p90": None, "max": None}
+    assert one["held_longest"] == [
+        {"domain": "example.net", "passed": 1, "max": 420, "median": 420}]
+    with open_db(tmp_path / "empty") as store:
+        none = maintenance.stats(store.conn, auto_whitelist_after=5, max_age=MAX_AGE, now=CLOCK)
+    assert none["greylist_delay"]["week"]["passed"] == 0 and none["held_longest"] == []
+
+
+def test_held_longest_names_the_five_sender_domains_held_longest_in_the_week(tmp_path):
+    with open_db(tmp_path) as store:
+        fill(store, DELAYED)
+        held = maintenance.held_longest(store.conn, CLOCK - 7 * DAY, CLOCK)
+    assert held == [
+        # example.net: 312 400 500 600 1200 86400 -> median rank 3
+        {"domain": "example.net", "passed": 6, "max": 86400, "median": 500},
+        {"domain": "<>", "passed": 1, "max": 9000, "median": 9000},        # the null sender
+        {"domain": "slow.example", "passed": 1, "max": 7200, "median": 7200},
+        {"domain": "bounce.example", "passed": 1, "max": 3000, "median": 3000},
+        {"domain": "relay.example", "passed": 1, "max": 900, "median": 900},  # after the last @
+    ]   # lists.example.org (330, SPF-keyed or not), other.example, tiny.example: held less
+    with open_db(tmp_path) as store:
+        assert maintenance.held_longest(store.conn, CLOCK - 7 * DAY, CLOCK, limit=9)[5:] == [
+            {"domain": "lists.example.org", "passed": 2, "max": 330, "median": 301},
+            {"domain": "tiny.example", "passed": 1, "max": 305, "median": 305},
+            {"domain": "other.example", "passed": 1, "max": 303, "median": 303}]
+
+
+@pytest.mark.parametrize("seconds, shown", [
+    (None, "-"), (0, "0s"), (45, "45s"), (312, "5m 12s"), (3600, "1h 0m 0s"),
+    (7325, "2h 2m 5s"), (90061, "1d 1h 1m 1s"), (172800, "2d 0h 0m 0s")])
+def test_durations_as_stats_shows_them(seconds, shown):
+    assert cli_maintenance.duration(seconds) == shown
+
+
+def test_stats_command_shows_the_greylisting_delay(tmp_path):
+    config = make_config(tmp_path)
+    now = int(time.time())
+    with open_db(tmp_path) as store:
+        fill(store, [
+            ("192.0.2.0/24", "alice@example.net", "bob@localhost", now - HOUR - 312, now - HOUR,
+             now - HOUR),
+            ("spf:example.org", "news@lists.example.org", "bob@localhost",
+             now - 2 * HOUR - 7325, now - 2 * HOUR, now - 2 * HOUR),
+            ("192.0.2.0/24", "<>", "carol@localhost", now - 3 * DAY - 90061, now - 3 * DAY,
+             now - 3 * DAY)])
+    result = greyd("stats", "--json", config=config)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    delay = report["greylist_delay"]
+    assert {key: delay["day"][key] for key in ("passed", "median", "p90", "max")} == \
+        {"passed": 2, "median": 312, "p90": 7325, "max": 7325}
+    assert {key: delay["week"][key] for key in ("passed", "median", "p90", "max")} == \
+        {"passed": 3, "median": 7325, "p90": 90061, "max": 90061}
+    assert report["held_longest"] == [
+        {"domain": "<>", "passed": 1, "max": 90061, "median": 90061},
+        {"domain": "lists.example.org", "passed": 1, "max": 7325, "median": 7325},
+        {"domain": "example.net", "passed": 1, "max": 312, "median": 312}]
+
+    human = greyd("stats", config=config)
+    assert human.returncode == 0, human.stderr
+    out = human.stdout
+    for label, day, week in [("passed triplets", "2", "3"), ("median", "5m 12s", "2h 2m 5s"),
+                             ("90th percentile", "2h 2m 5s", "1d 1h 1m 1s"),
+                             ("longest", "2h 2m 5s", "1d 1h 1m 1s")]:
+        assert re.search(rf"^  {label} +{day} +{week}$", out, re.M), (label, out)
+    assert re.search(r"^held longest \(last week\) +passed +longest +median$", out, re.M)
+    for domain, n, longest, median in [("<>", 1, "1d 1h 1m 1s", "1d 1h 1m 1s"),
+                                       ("lists.example.org", 1, "2h 2m 5s", "2h 2m 5s"),
+                                       ("example.net", 1, "5m 12s", "5m 12s")]:
+        assert re.search(rf"^  {re.escape(domain)} +{n} +{longest} +{median}$", out, re.M)
+
+
+def test_stats_command_with_no_mail_delayed_says_so(tmp_path):
+    config = make_config(tmp_path)
+    with open_db(tmp_path) as store:
+        fill(store, [("192.0.2.0/24", "a@example.net", "b@localhost", int(time.time()) - 60,
+                      int(time.time()) - 60, None)])          # pending: delayed, not passed
+    human = greyd("stats", config=config)
+    assert human.returncode == 0, human.stderr
+    assert "greylisting delay: no mail delayed (no triplet passed in the last week)" in \
+        human.stdout.splitlines()
+    assert "held longest" not in human.stdout and "percentile" not in human.stdout
+    report = json.loads(greyd("stats", "--json", config=config).stdout)
+    assert report["greylist_delay"]["week"]["passed"] == 0
+    assert report["greylist_delay"]["day"]["median"] is None
+    assert report["held_longest"] == []
