@@ -348,7 +348,8 @@ def decisions(conn: sqlite3.Connection, since: int) -> dict:
 _RANKED = """
     SELECT part, delay, row_number() OVER w AS rank,
            count(*) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS n
-    FROM (SELECT {partition} AS part, passed_at - first_seen AS delay FROM triplets
+    FROM (SELECT {partition} AS part, CAST(passed_at - first_seen AS INTEGER) AS delay
+          FROM triplets
           WHERE passed_at > :since AND passed_at <= :now)
     WINDOW w AS (PARTITION BY part ORDER BY delay)"""
 _NEAREST = "({p} * n + 99) / 100"

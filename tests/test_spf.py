@@ -25,7 +25,7 @@ from upstream import Upstream
 pytestmark = pytest.mark.timeout(60)
 
 DOMAIN = "pool.example"
-POOL = f"v=spf1 ip4:127.16.0.0/12 ip6:::1 -all"     # every host of the big sender
+POOL = "v=spf1 ip4:127.16.0.0/12 ip6:::1 -all"     # every host of the big sender
 BODY = b"From: news@pool.example\r\nSubject: spf\r\n\r\nHello.\r\n"
 
 
