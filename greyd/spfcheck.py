@@ -6,7 +6,8 @@ Debian's SPF policy servers use, over greyd's own dnspython resolver (the
 [dns] nameservers and its TTL-honouring cache), within a deadline and the
 RFC's limits (10 DNS-querying terms, 2 void lookups, which pyspf enforces).
 Its result word is pyspf's: "pass", "fail", "softfail", "neutral", "none",
-"temperror" or "permerror"; a pass lets the policy key the triplet by the
+"temperror" or "permerror", or "pass-any" for a record that would pass any
+address (see CANARY_V4); a pass lets the policy key the triplet by the
 domain (`spf:<domain>`), anything else keeps the network.
 
 Results are kept per (client address, domain) for RESULT_TTL, except
@@ -132,21 +133,34 @@ class SpfCheck:
 
     def _evaluate(self, client: str, sender: str, helo: str, domain: str,
                   deadline: float) -> str:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return "temperror"
         token = _resolver.set((self.resolver, deadline))
         try:
-            query = pyspf.query(client, sender if sender else "", helo if not sender else domain,
-                                querytime=remaining)
-            result = query.check()[0]
+            result = self._query(client, sender, helo, domain, deadline)
+            if result == PASS:
+                canary = CANARY_V6 if ":" in client else CANARY_V4
+                if self._query(canary, sender, helo, domain, deadline) == PASS:
+                    result = PASS_ANY
         except Exception as error:   # a bug or a record pyspf chokes on: no information
             logger.warning("spf error %s", log.fields(
                 client=client, domain=domain, error=f"{type(error).__name__}: {error}"))
             return "temperror"
         finally:
             _resolver.reset(token)
+        return result
+
+    @staticmethod
+    def _query(client: str, sender: str, helo: str, domain: str, deadline: float) -> str:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "temperror"
+        query = pyspf.query(client, sender, domain if not sender else helo, querytime=remaining)
+        result = query.check()[0]
         return result if result in RESULTS else "temperror"
 
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+# A pass is checked again for an address no one sends from (RFC 5737, RFC 3849):
+# a record that passes it too (+all, ip4:0.0.0.0/0) authorizes everyone, and
+# proves nothing about who sent; it is reported as PASS_ANY, not a pass.
+CANARY_V4, CANARY_V6 = "192.0.2.1", "2001:db8::1"
+PASS_ANY = "pass-any"

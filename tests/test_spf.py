@@ -200,9 +200,11 @@ def test_an_spf_result_is_cached_per_client_and_domain(start_greyd, upstream, dn
     g = start(start_greyd, upstream, dns_server)
     for recipient in ("a@example.org", "b@example.org", "c@example.org"):
         assert send(g, "127.16.1.10", recipient=recipient) == 451
-    assert dns_server.count(DOMAIN, "TXT") == 1           # the record itself has TTL 0
+    # The record has TTL 0, so each evaluation asks for it: once for the
+    # client, once for the canary address that shows it does not pass everyone.
+    assert dns_server.count(DOMAIN, "TXT") == 2
     assert send(g, "127.16.1.11") == 451
-    assert dns_server.count(DOMAIN, "TXT") == 2           # another client: checked again
+    assert dns_server.count(DOMAIN, "TXT") == 4           # another client: checked again
 
 
 def test_explain_shows_the_spf_result_and_the_key(tmp_path, dns_server, clock):
@@ -352,3 +354,20 @@ def test_explain_names_the_suspicion_rule(tmp_path, dns_server):
     assert result.exit_code == 0, result.output
     assert "reason:     new,suspicious:no-name" in result.output
     assert "spf:        pass (pool.example)" in result.output
+
+
+@pytest.mark.parametrize("record", ["v=spf1 +all", "v=spf1 ip4:0.0.0.0/0 ip6:::/0 -all"])
+def test_a_record_that_authorizes_everyone_keeps_a_botnet_on_the_network_key(
+        start_greyd, upstream, dns_server, clock, logs, record):
+    """A spammer's domain whose SPF passes any address: a bot retrying from
+    another network is a new triplet, as without SPF."""
+    dns_server.remove(DOMAIN, "TXT")
+    dns_server.add(DOMAIN, "TXT", f'"{record}"')
+    g = start(start_greyd, upstream, dns_server)
+    assert send(g, "127.16.1.10") == 451
+    clock.advance(301)
+    assert send(g, "127.17.2.20") == 451
+    first, retry = decisions(logs)
+    assert first["spf"] == retry["spf"] == "pass-any:pool.example"
+    assert "key" not in first and retry["reason"] == "new"
+    assert upstream.messages == []
