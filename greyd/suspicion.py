@@ -82,6 +82,7 @@ from typing import Iterable
 
 from publicsuffixlist import PublicSuffixList
 
+from . import idn
 from .ip import Address, client_address
 
 DYNAMIC_WORDS: tuple[str, ...] = (
@@ -182,11 +183,8 @@ def _normal(name: str) -> str:
 
 
 def _ascii(name: str) -> str:
-    """A name's A-label form when the stdlib's IDNA codec can make one."""
-    try:
-        return name.encode("idna").decode("ascii")
-    except UnicodeError:
-        return name
+    """A name's A-label form (greyd's one IDNA mapping, idn.py) when it has one."""
+    return idn.alabel(name) or name
 
 
 def _address(text: str) -> Address | None:
