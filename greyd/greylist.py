@@ -89,17 +89,12 @@ class Greylister:
 
         `spf` gives the client's SPF result (waiting for a check under way);
         it is asked only when the answer can change the verdict (see
-        `wants_spf`), so a whitelisted client or a passed triplet never
-        waits for it."""
+        `wants_spf`), so a whitelisted client, or a triplet passed under
+        its network, never waits for it."""
         now = self.clock()
         rules = self.rules
         try:
-            verdict = self._verdict(request, now)
-            if spf is not None and self.wants_spf(verdict):
-                result = spf()
-                if result.result:
-                    request = request._replace(spf=result.result, spf_domain=result.domain)
-                    verdict = self._verdict(request, now)
+            request, verdict = self._verdict(request, now, spf, settle=True)
             self.recorder.record(Decision(verdict, now, rules.max_age))
             self.health.ok()
         except StoreError as error:
@@ -112,9 +107,24 @@ class Greylister:
             retry_in=verdict.retry_in, **_key_fields(request, verdict)))
         return verdict
 
-    def _verdict(self, request: policy.Request, now: float) -> policy.Verdict:
+    def _verdict(self, request: policy.Request, now: float,
+                 spf: Callable[[], SpfResult] | None, *,
+                 settle: bool) -> tuple[policy.Request, policy.Verdict]:
+        """The verdict, and the request it was made on: with the SPF result
+        when `wants_spf` asked for it. `settle`: after this process's queued
+        writes about the same keys (a decision that will be recorded)."""
+        verdict = self._once(request, now, settle)
+        if spf is not None and self.wants_spf(verdict):
+            result = spf()
+            if result.result:
+                request = request._replace(spf=result.result, spf_domain=result.domain)
+                verdict = self._once(request, now, settle)
+        return request, verdict
+
+    def _once(self, request: policy.Request, now: float, settle: bool) -> policy.Verdict:
         keys = policy.keys(request, self.rules)
-        self.recorder.settle(keys)
+        if settle:
+            self.recorder.settle(keys)
         with self.backend.facts(keys.network, keys.triplet) as facts:
             return policy.decide(request, self.rules, facts, now, keys)
 
@@ -147,20 +157,11 @@ class Greylister:
                 spf: Callable[[], SpfResult] | None = None) -> Explanation:
         """What `decide` would answer now, and the stored triplet; changes
         nothing and logs nothing. A failing store raises StoreError."""
-        now = self.clock()
-        explanation = self._explained(request, now)
-        if spf is not None and self.wants_spf(explanation.verdict):
-            result = spf()
-            if result.result:
-                request = request._replace(spf=result.result, spf_domain=result.domain)
-                explanation = self._explained(request, now)
-        return explanation
-
-    def _explained(self, request: policy.Request, now: float) -> Explanation:
-        keys = policy.keys(request, self.rules)
-        with self.backend.facts(keys.network, keys.triplet) as facts:
-            verdict = policy.decide(request, self.rules, facts, now, keys)
-            seen = facts.seen(verdict.triplet) if verdict.triplet else None
+        request, verdict = self._verdict(request, self.clock(), spf, settle=False)
+        seen = None
+        if verdict.triplet is not None:
+            with self.backend.facts(verdict.network, verdict.triplet) as facts:
+                seen = facts.seen(verdict.triplet)
         return Explanation(verdict, seen, request)
 
 
