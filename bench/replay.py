@@ -79,7 +79,7 @@ class Kind:
 KINDS = (
     Kind("one-mta", 4, "postfix", "onemta.test", named=True),
     Kind("one-net", 4, "postfix", "smallnet.test", hosts=4),
-    Kind("pool", 10, "every", "bigpool.test", hosts=200, nets=169, spf="pass", named=True),
+    Kind("pool", 10, "every", "bigmail.test", hosts=200, nets=169, spf="pass", named=True),
     Kind("dual-stack", 4, "every", "dual.test", hosts="dual", spf="pass", named=True),
     Kind("bot-once", 5, "every", "cheap-pills.test", nets=0, gives_up=0, rcpts=2, bot=True),
     Kind("bot-early", 4, "every", "fast-loans.test", every=60, jitter=0, gives_up=240,
