@@ -392,8 +392,8 @@ def replay_section(args, procs, workdir: Path, report: Report, rng: random.Rando
         print(f"\n## Replay: {label}\n\n{LEGEND}\n\n{table(results)}", flush=True)
         report.data.setdefault("replay", {})[label] = {
             name: r.figures() for name, r in results.items()}
-        wrong = [f"{name}: upstream got {r.upstream_rcpts} RCPTs, {r.duplicates} recipients "
-                 "more than once" for name, r in results.items()
-                 if r.duplicates or (r.upstream_rcpts and name in bots)]
+        wrong = [f"{name}: {r.errors} sessions broke off; upstream got {r.upstream_rcpts} "
+                 f"RCPTs, {r.duplicates} recipients twice" for name, r in results.items()
+                 if r.errors or r.duplicates or (r.upstream_rcpts and name in bots)]
         for line in [f"greyd logged: {p}" for p in dict.fromkeys(problems)] + wrong:
             report.anomaly(f"replay ({label}): {line}")
