@@ -3,8 +3,9 @@
 Each replay is real SMTP over loopback (clients from 127.x.y.z and ::1), a
 real aiosmtpd upstream and a real UDP DNS server serving the senders' SPF
 records and reverse names; greyd's clock jumps to each attempt. One replay
-per config, shared by the tests that read it. Until greyd has SPF-keyed
-triplets (greylist.client_key, greylist.mode), the tests that need them skip.
+per config, shared by the tests that read it: the default (client_key
+["spf", "network"], mode "all"), client_key ["network"] (keyed as before
+SPF keys) and mode "suspicious".
 """
 
 from __future__ import annotations
@@ -13,19 +14,14 @@ import random
 
 import pytest
 
-from greyd.config import GreylistConfig
-
 from bench.replay import (KINDS, MAX_BACKOFF, MIN_BACKOFF, QUEUE_RUN, Kind, letters, replay,
                           schedule, table)
 
 pytestmark = pytest.mark.timeout(120)
 
-SPF_KEYS = "client_key" in GreylistConfig.__dataclass_fields__
-needs_spf_keys = pytest.mark.skipif(
-    not SPF_KEYS, reason="greyd has no greylist.client_key / mode yet (SPF-keyed triplets)")
 LEGITIMATE = [kind.name for kind in KINDS if not kind.bot]
 BOTS = [kind.name for kind in KINDS if kind.bot]
-NETWORK = {"greylist": {"client_key": ["network"]}} if SPF_KEYS else {}
+NETWORK = {"greylist": {"client_key": ["network"]}}
 SUSPICIOUS = {"greylist": {"mode": "suspicious"}}
 
 
@@ -116,19 +112,16 @@ def test_network_key_makes_the_pool_retry_until_a_network_repeats(network):
     assert set(network["dual-stack"].deferrals) == {2}    # IPv4 and IPv6: two networks
 
 
-@needs_spf_keys
 def test_default_spf_pool_passes_on_its_first_retry(default):
     pool = default["pool"]
     assert set(pool.deferrals) == {1}, pool
     assert all(300 <= delay <= 600 for delay in pool.delays), pool
 
 
-@needs_spf_keys
 def test_default_dual_stack_spf_sender_is_deferred_once(default):
     assert set(default["dual-stack"].deferrals) == {1}, default["dual-stack"]
 
 
-@needs_spf_keys
 def test_suspicious_mode_lets_the_verified_pool_through_at_once(suspicious):
     delivered_once(suspicious)
     nothing_from_bots(suspicious)
