@@ -29,13 +29,14 @@ from bench.daemon import greyd_command, workers_value
 from bench.memory import memory
 from bench.postgrey import GET_POSTGREY
 from bench.processes import BenchError, Processes, run_bounded, tool
+from bench.replay import replay_section
 from bench.report import Report, sig
 from bench.sink import serve_sink
 from bench.store import store_section
 from bench.throughput import throughput
 from bench.tls import tls_section
 
-SECTIONS = ("deferred", "passed", "tls", "memory", "store")
+SECTIONS = ("deferred", "passed", "tls", "memory", "store", "replay")
 GET_POSTFIX = ("echo 'postfix postfix/main_mailer_type select No configuration'"
                " | sudo debconf-set-selections && sudo DEBIAN_FRONTEND=noninteractive"
                " apt-get install -y postfix   # no daemon needs to run")
@@ -61,9 +62,10 @@ def add_size_options(parser: argparse.ArgumentParser) -> None:
     """What is measured, and how much."""
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: tiny counts, seconds in all (CI); figures mean nothing")
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help="comma-separated sections: deferred,passed,tls,memory,store "
-                             "(default: all)")
+    parser.add_argument("--only",
+                        help="comma-separated sections: deferred,passed,tls,memory,store,replay "
+                             "(default: all; --quick leaves replay out, whose zeros are "
+                             "results, not failed measurements)")
     parser.add_argument("--runs", type=int, help="runs per point (default 3; --quick 2)")
     parser.add_argument("--concurrency", default="20,100",
                         help="comma-separated concurrency points (default 20,100)")
@@ -120,6 +122,8 @@ def parse_args(argv=None):
         options.error("--stall-clients must be at least 1")
     args.baseline = 0.5 if args.quick else 2.0
     args.cleanup_timeout = 120.0 if args.quick else max(600.0, args.triplets / 500)
+    if args.only is None:
+        args.only = ",".join(s for s in SECTIONS if not (args.quick and s == "replay"))
     args.only = {s.strip() for s in args.only.split(",") if s.strip()}
     if not args.only or args.only - set(SECTIONS):
         options.error(f"--only takes some of: {','.join(SECTIONS)}")
@@ -203,7 +207,7 @@ def run(args) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="greyd-bench-"))
     sections = [("deferred" in args.only or "passed" in args.only, throughput),
                 ("tls" in args.only, tls_section), ("memory" in args.only, memory),
-                ("store" in args.only, store_section)]
+                ("store" in args.only, store_section), ("replay" in args.only, replay_section)]
     try:
         with ExitStack() as stack:
             stack.callback(procs.stop_all)
