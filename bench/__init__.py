@@ -17,6 +17,11 @@ every figure with its ratio to the sink and its target:
   store       one decision (Greylister.decide, as the daemon) at 1,000,000
               triplets; database bytes per triplet; `greyd cleanup` removing
               1,000,000 expired triplets while a client keeps sending RCPTs
+  replay      sender kinds (one MTA, a /24, a big SPF pool, a dual-stack
+              sender, three kinds of bot) replayed against a greyd on the
+              injectable clock: per kind, messages delivered, delay and
+              deferrals; for the default config, client_key = ["network"]
+              and mode = "suspicious" (not under --quick)
 
 Postfix's smtp-source and smtp-sink are the reference client and sink when
 installed; otherwise a pure-Python asyncio client and sink stand in, and the
@@ -40,11 +45,14 @@ The modules, one job each:
   memory      section: greyd's RSS idle and with idle connections held
   triplets    realistic triplets and a database holding them
   store       section: decision time, bytes per triplet, cleanup under load
+  dnsserver   a real UDP DNS server (dnspython), for the replay's zones and the tests
+  replay      section: the trace replay of sender kinds (also tests/test_replay.py)
   cli         the command line, the header, the summary
 
 The package needs only the standard library, greyd (its store and policy
-modules for the store section; the `greyd` command for the daemon) and, for
-TLS, trustme (greyd's test extra). Postfix + postgrey need root, Postfix and
+modules for the store section; the `greyd` command for the daemon; its
+server in-process for the replay, with dnspython) and greyd's test extra:
+trustme for TLS, aiosmtpd for the replay's upstream. Postfix + postgrey need root, Postfix and
 postgrey; without them the tls section measures greyd alone and says why.
 It is not installed with greyd: scripts/bench puts the repository root on
 sys.path.
