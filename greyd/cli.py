@@ -15,7 +15,8 @@ import sys
 import click
 
 from . import __version__, policy, replies
-from .clitools import GreydError, echo_json, load_certificate, load_config, open_greylister, when
+from .clitools import (GreydError, describe, echo_json, load_certificate, load_config,
+                       open_greylister, when)
 from .dns import NO_SPF, Lookup
 from .ip import client_address
 from .storage import StoreError
@@ -140,5 +141,5 @@ def main() -> None:
     try:
         cli(prog_name="greyd")
     except (OSError, sqlite3.Error, StoreError) as error:
-        click.echo(f"greyd: {error}", err=True)
+        click.echo(f"greyd: {describe(error)}", err=True)
         sys.exit(1)

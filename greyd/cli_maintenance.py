@@ -129,7 +129,7 @@ def delete(ctx: click.Context, pending, passed, client, sender, recipient, every
                                "(add --all if that is what you mean)")
     if everything and not where.empty:
         raise click.UsageError("--all takes no filter")
-    with open_store(config) as store:
+    with open_store(config, create=False) as store:
         count = maintenance.delete_triplets(store.conn, where, dry_run=dry_run)
     noun = "triplet" if count == 1 else "triplets"
     click.echo(f"{'would delete' if dry_run else 'deleted'} {count} {noun}")
@@ -155,7 +155,7 @@ def cleanup(ctx: click.Context, dry_run: bool, quiet: bool) -> None:
     """
     config = load_config(ctx)
     greylist = config.greylist
-    with open_store(config) as store:
+    with open_store(config, create=False) as store:
         total = 0
         if not (quiet or dry_run) and sys.stdout.isatty():
             total = maintenance.count_triplets(store.conn)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,34 +43,59 @@ def load_certificate(config: configuration.Config) -> Certificate | None:
         raise GreydError(str(error)) from None
 
 
-def load_config(ctx: click.Context) -> configuration.Config:
-    """The config the -c option, $GREYD_CONFIG or the search path names."""
+def load_config(ctx: click.Context, *, announce: bool = True) -> configuration.Config:
+    """The config the -c option, $GREYD_CONFIG or the search path names.
+
+    On a terminal, unless `announce` is off, one line on standard error says
+    which config that is when it is not the host's system config, so the
+    database a command reads or writes is never a surprise.
+    """
     try:
-        path = configuration.find(ctx.find_root().obj["config"], os.environ, Path.cwd())
-        return configuration.load(path)
+        cwd = Path.cwd()
+    except FileNotFoundError:
+        raise GreydError("the working directory no longer exists; "
+                         "change to another one or give -c PATH") from None
+    try:
+        path = configuration.find(ctx.find_root().obj["config"], os.environ, cwd)
+        config = configuration.load(path)
     except ConfigError as error:
         raise GreydError(f"config: {error}") from None
+    if announce and path != configuration.SYSTEM_CONFIG and sys.stderr.isatty():
+        where = (f"config {config.source}" if config.source
+                 else f"built-in defaults (no config file; state under {config.root})")
+        click.echo(f"greyd: using {where}", err=True)
+    return config
+
+
+def missing_database(path: Path) -> GreydError:
+    return GreydError(f"no database at {path}; is greyd configured here? "
+                      "(greyd start creates it; -c names another config)")
 
 
 @contextmanager
-def open_store(config: configuration.Config, *, write: bool = True) -> Iterator[Store]:
+def open_store(config: configuration.Config, *, write: bool = True,
+               create: bool | None = None) -> Iterator[Store]:
     """The database, migrated, for a command; sqlite errors become one line.
 
-    With write=False a database that does not exist yet is not created: the
-    command sees an empty in-memory one instead.
+    A database that does not exist is created only when `create` (by default:
+    for a command that writes), saying so on a terminal; otherwise the
+    command is refused (missing_database), never shown an empty store.
     """
     path = config.database.path
+    create = write if create is None else create
+    if not path.exists():
+        if not create:
+            raise missing_database(path)
+        if sys.stderr.isatty():
+            click.echo(f"greyd: creating the database {path}", err=True)
     try:
-        if write or path.exists():
-            if write:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            store = Store(path)
-        else:
-            store = Store(":memory:")
-        if write or not path.exists():
+        if write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        store = Store(path)
+        if write:
             store.migrate()
     except (sqlite3.Error, OSError) as error:
-        raise GreydError(f"database: {path}: {error}") from None
+        raise GreydError(f"database: {path}: {describe(error)}") from None
     try:
         yield store
     except sqlite3.Error as error:
@@ -81,16 +107,27 @@ def open_store(config: configuration.Config, *, write: bool = True) -> Iterator[
 @contextmanager
 def open_greylister(config: configuration.Config) -> Iterator[Greylister]:
     """The daemon's greylister over the configured store, for reading
-    (`greyd explain`): a database that does not exist yet is not created,
-    an empty in-memory one stands in. Store errors become one line."""
+    (`greyd explain`); a database that does not exist is refused, not
+    created. Store errors become one line."""
     path = config.database.path
-    backend = StorePool(path if path.exists() else ":memory:")
+    if not path.exists():
+        raise missing_database(path)
+    backend = StorePool(path)
     try:
         yield Greylister(config, backend)
     except StoreError as error:
         raise GreydError(f"database: {path}: {error}") from None
     finally:
         backend.close()
+
+
+def describe(error: BaseException) -> str:
+    """An error as one line without Python's "[Errno N]": what failed, and
+    on which file."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return where + error.strerror
+    return str(error)
 
 
 def when(timestamp: int | None, *, zone: bool = True) -> str:

@@ -96,7 +96,7 @@ class TlsConfig:
 class RelayConfig:
     domains: tuple[str, ...] = _key(("localhost",), values.array(values.domain))
     clients: tuple[Network, ...] = _key(
-        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
         values.array(values.network))
 
 
@@ -205,29 +205,62 @@ def _build(data: Mapping[str, Any]) -> Config:
     return config
 
 
-def _settle(config: Config, root: Path, source: Path | None) -> Config:
-    """Resolve relative paths against root; fill in an empty hostname."""
-    def under_root(path: Path | None) -> Path | None:
-        return None if path is None else root / path
+# A system config (<R>/etc/greyd/greyd.toml) keeps its files where a Debian
+# mail daemon keeps them: a relative path is relative to the directory of its
+# kind, under R (R is / on a host; a directory for `greyd setup --root`).
+STATE, LOGS, RUN = Path("var/lib/greyd"), Path("var/log/greyd"), Path("run/greyd")
 
+
+def is_system_config(path: Path | None) -> bool:
+    """True for a config file at <R>/etc/greyd/greyd.toml."""
+    return (path is not None and path.parent.name == "greyd"
+            and path.parent.parent.name == "etc")
+
+
+def _settle(config: Config, root: Path, source: Path | None) -> Config:
+    """Resolve relative paths; fill in an empty hostname.
+
+    In a checkout or an appliance directory, paths are relative to its root
+    (the parent of etc/). In a system config they are relative to the Debian
+    place of their kind under R: the database to R/var/lib/greyd, log files
+    to R/var/log/greyd, the pidfile to R/run/greyd, TLS files to
+    R/etc/greyd; a key left at its built-in default (var/greyd.db …) keeps
+    only its file name there (R/var/lib/greyd/greyd.db).
+    """
+    system = is_system_config(source)
+    base = source.parent.parent.parent if system else root
+
+    def place(path: Path | None, kind: Path, default: Path | None = None) -> Path | None:
+        if path is None:
+            return None
+        if not system:
+            return root / path
+        return base / kind / (path.name if path == default else path)
+
+    defaults = Config()
     server = dataclasses.replace(
-        config.server, pidfile=under_root(config.server.pidfile),
+        config.server, pidfile=place(config.server.pidfile, RUN, defaults.server.pidfile),
         hostname=config.server.hostname or socket.getfqdn())
-    log = dataclasses.replace(config.log, file=under_root(config.log.file),
-                              debug_file=under_root(config.log.debug_file))
-    database = dataclasses.replace(config.database, path=under_root(config.database.path))
-    tls = dataclasses.replace(config.tls, cert=under_root(config.tls.cert),
-                              key=under_root(config.tls.key))
+    log = dataclasses.replace(
+        config.log, file=place(config.log.file, LOGS, defaults.log.file),
+        debug_file=place(config.log.debug_file, LOGS))
+    database = dataclasses.replace(
+        config.database, path=place(config.database.path, STATE, defaults.database.path))
+    etc = Path("etc/greyd")
+    tls = dataclasses.replace(config.tls, cert=place(config.tls.cert, etc),
+                              key=place(config.tls.key, etc))
     return dataclasses.replace(config, server=server, log=log, database=database, tls=tls,
-                               root=root, source=source)
+                               root=base if system else root, source=source)
 
 
 def find(cli_path: str | None, environ: Mapping[str, str], cwd: Path,
          *, system: Path = SYSTEM_CONFIG) -> Path | None:
-    """The config file to read, per SPEC §2, or None for the built-in defaults.
+    """The config file to read, or None for the built-in defaults.
 
-    An explicit path (-c, then $GREYD_CONFIG) must exist; the fallbacks
-    ./etc/greyd.toml and /etc/greyd/greyd.toml are skipped when absent.
+    An explicit path (-c, then $GREYD_CONFIG) must exist. Then the system
+    config /etc/greyd/greyd.toml, when the host has one: on a host greyd is
+    installed on, every command uses it wherever it is typed. Then, for
+    development in a checkout, ./etc/greyd.toml.
     """
     for explicit in (cli_path, environ.get("GREYD_CONFIG") or None):
         if explicit is not None:
@@ -235,7 +268,7 @@ def find(cli_path: str | None, environ: Mapping[str, str], cwd: Path,
             if not path.is_file():
                 raise ConfigError(f"config file not found: {explicit}")
             return path
-    for fallback in (cwd / "etc" / "greyd.toml", system):
+    for fallback in (system, cwd / "etc" / "greyd.toml"):
         if fallback.is_file():
             return fallback
     return None

@@ -51,7 +51,7 @@ class Rules:
     auto_whitelist_after: int = 5
     relay_domains: tuple[str, ...] = ("localhost",)
     relay_clients: tuple[IPNetwork, ...] = (
-        ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+        ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
     client_key: tuple[str, ...] = ("spf", "network")
     mode: str = "all"                   # or "suspicious": greylist only suspicious clients
     hostname: str = ""                  # server.hostname: with relay_domains, our own names

@@ -78,6 +78,7 @@ def test_json_output_is_one_document(tmp_path):
     config = tmp_path / "greyd.toml"
     config.write_text(f'[database]\npath = "{tmp_path}/greyd.db"\n'
                       f'[server]\npidfile = "{tmp_path}/greyd.pid"\n[log]\nfile = ""\n')
+    assert greyd("whitelist", "add", "--client", "192.0.2.1", config=config).returncode == 0
     checked = 0
     for words, command in COMMANDS:
         if not any(isinstance(p, click.Option) and "--json" in p.opts for p in command.params):

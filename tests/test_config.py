@@ -55,7 +55,7 @@ def test_defaults_are_those_of_the_spec():
     assert c.server.pidfile == Path("var/greyd.pid")
     assert c.upstream == config.UpstreamConfig("127.0.0.1", 10025, 60, False, "auto")
     assert c.relay.domains == ("localhost",)
-    assert c.relay.clients == tuple(map(ipaddress.ip_network, ["127.0.0.0/8", "::1/128"]))
+    assert c.relay.clients == tuple(map(ipaddress.ip_network, ["127.0.0.1/32", "::1/128"]))
     assert c.greylist == config.GreylistConfig(
         300, 2 * 86400, 35 * 86400, 24, 64, 5, True, "accept")
     assert c.dns == config.DnsConfig(True, (), 2, (), ())
@@ -440,9 +440,12 @@ def test_find_empty_env_counts_as_unset(candidates):
     assert config.find(None, {"GREYD_CONFIG": ""}, c["cwd"]) == c["local"]
 
 
-def test_find_local_etc_beats_system(candidates):
+def test_find_the_system_config_beats_a_local_etc(candidates, tmp_path):
+    """On a host greyd is installed on, a command typed in a checkout still
+    uses the host's config; the checkout's is for development."""
     c = candidates
-    assert config.find(None, {}, c["cwd"], system=c["system"]) == c["local"]
+    assert config.find(None, {}, c["cwd"], system=c["system"]) == c["system"]
+    assert config.find(None, {}, c["cwd"], system=tmp_path / "nowhere.toml") == c["local"]
 
 
 def test_find_system_when_no_local(candidates, tmp_path):
@@ -556,7 +559,7 @@ def test_as_dict_is_json_with_the_config_keys():
     assert settings["server"]["listen"] == ["127.0.0.1:2525"]
     assert settings["server"]["command_timeout"] == 300
     assert settings["server"]["max_message_size"] == 25 * 1024 * 1024
-    assert settings["relay"]["clients"] == ["127.0.0.0/8", "::1/128"]
+    assert settings["relay"]["clients"] == ["127.0.0.1/32", "::1/128"]
     assert settings["greylist"]["retry_window"] == 172800
     assert settings["log"]["debug_file"] == ""
     assert settings["database"]["path"] == str(REPO / "var" / "greyd.db")

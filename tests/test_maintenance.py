@@ -190,10 +190,11 @@ def test_list_errors_are_one_line(sample):
     assert negative.returncode == 2
 
 
-def test_list_of_a_database_that_does_not_exist_creates_nothing(tmp_path):
+def test_list_of_a_database_that_does_not_exist_is_refused_and_creates_nothing(tmp_path):
     config = make_config(tmp_path)
     result = greyd("triplets", "list", config=config)
-    assert result.returncode == 0 and result.stdout == "no matching triplets\n"
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"greyd: no database at {tmp_path}/var/greyd.db; ")
     assert not (tmp_path / "var" / "greyd.db").exists()
 
 
@@ -357,7 +358,7 @@ def test_cron_wrapper_passes_failures_to_stderr(tmp_path):
     result = run_script(env_extra={"GREYD_CONFIG": str(unwritable)})
     assert result.returncode == 1 and result.stdout == ""
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"greyd: database: {blocker}/greyd.db: ")
+    assert len(lines) == 1 and lines[0].startswith(f"greyd: no database at {blocker}/greyd.db; ")
 
     usage = run_script("one", "two")
     assert usage.returncode == 2 and usage.stderr == "usage: greyd-cleanup [CONFIG]\n"

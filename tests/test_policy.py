@@ -552,7 +552,7 @@ def test_rules_from_default_config(tmp_path):
     assert r == Rules(
         delay=300, retry_window=2 * DAY, max_age=35 * DAY, ipv4_prefix=24,
         ipv6_prefix=64, auto_whitelist_after=5, relay_domains=("localhost",),
-        relay_clients=(ipaddress.ip_network("127.0.0.0/8"),
+        relay_clients=(ipaddress.ip_network("127.0.0.1/32"),
                        ipaddress.ip_network("::1/128")))
     assert r == Rules()
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from greyd import whitelist
 from greyd.policy import Request
+from greyd.store import Store
 from greyd.whitelist import Entry, Whitelist
 from greyd.store import Store
 
@@ -36,8 +37,13 @@ T = 1_700_000_000
 
 @pytest.fixture
 def config(tmp_path) -> Path:
-    """A config whose database is in tmp_path; nothing listens (no daemon)."""
-    return write_config(tmp_path, 10025)
+    """A config whose database is in tmp_path, created empty as `greyd start`
+    would; nothing listens (no daemon)."""
+    path = write_config(tmp_path, 10025)
+    (tmp_path / "var").mkdir(exist_ok=True)
+    with Store(tmp_path / "var" / "greyd.db") as store:
+        store.migrate()
+    return path
 
 
 def run(config: Path, *args: str):
