@@ -58,7 +58,7 @@ def _where(config, pending: bool, passed: bool, client, sender, recipient):
         raise GreydError(f"--client: {error}") from None
 
 
-@click.group()
+@click.group(short_help="Inspect and remove greylisting triplets.")
 def triplets() -> None:
     """Inspect and remove greylisting triplets (client network, sender, recipient).
 
@@ -69,7 +69,7 @@ def triplets() -> None:
     """
 
 
-@triplets.command("list")
+@triplets.command("list", short_help="List triplets; the filters combine.")
 @_filter_options
 @click.option("--limit", type=click.IntRange(min=0), default=DEFAULT_LIMIT, show_default=True,
               metavar="N",
@@ -104,7 +104,7 @@ def list_(ctx: click.Context, pending, passed, client, sender, recipient, limit:
         click.echo(f"(showing the first {limit}; more match: --limit 0 lists all)", err=True)
 
 
-@triplets.command()
+@triplets.command(short_help="Delete the matching triplets, in short batches.")
 @_filter_options
 @click.option("--all", "everything", is_flag=True, help="Delete every triplet (no filter).")
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; change nothing.")
@@ -135,7 +135,7 @@ def delete(ctx: click.Context, pending, passed, client, sender, recipient, every
     click.echo(f"{'would delete' if dry_run else 'deleted'} {count} {noun}")
 
 
-@click.command()
+@click.command(short_help="Forget expired triplets and (auto-)whitelist entries.")
 @click.option("--dry-run", is_flag=True, help="Count what would be removed; change nothing.")
 @click.option("--quiet", is_flag=True, help="Print nothing unless something fails (for cron).")
 @click.pass_context
