@@ -32,7 +32,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
     ctx.obj = {"config": config_path}
 
 
-@cli.command()
+@cli.command(short_help="Validate the config and print the effective settings.")
 @click.pass_context
 def check(ctx: click.Context) -> None:
     """Validate the config and print the effective settings.
@@ -56,7 +56,7 @@ def check(ctx: click.Context) -> None:
     click.echo("config OK", err=True)
 
 
-@cli.command()
+@cli.command(short_help="Show what greyd would decide now for a recipient, and why.")
 @click.option("--client", required=True, metavar="IP", help="Client address.")
 @click.option("--sender", required=True, metavar="ADDR", help="Envelope sender ('' or <> for null).")
 @click.option("--recipient", required=True, metavar="ADDR", help="Envelope recipient.")

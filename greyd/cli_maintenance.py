@@ -58,7 +58,7 @@ def _where(config, pending: bool, passed: bool, client, sender, recipient):
         raise GreydError(f"--client: {error}") from None
 
 
-@click.group()
+@click.group(short_help="Inspect and remove greylisting triplets.")
 def triplets() -> None:
     """Inspect and remove greylisting triplets (client network, sender, recipient).
 
@@ -69,7 +69,7 @@ def triplets() -> None:
     """
 
 
-@triplets.command("list")
+@triplets.command("list", short_help="List triplets; the filters combine.")
 @_filter_options
 @click.option("--limit", type=click.IntRange(min=0), default=DEFAULT_LIMIT, show_default=True,
               metavar="N",
@@ -104,7 +104,7 @@ def list_(ctx: click.Context, pending, passed, client, sender, recipient, limit:
         click.echo(f"(showing the first {limit}; more match: --limit 0 lists all)", err=True)
 
 
-@triplets.command()
+@triplets.command(short_help="Delete the matching triplets, in short batches.")
 @_filter_options
 @click.option("--all", "everything", is_flag=True, help="Delete every triplet (no filter).")
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; change nothing.")
@@ -135,7 +135,7 @@ def delete(ctx: click.Context, pending, passed, client, sender, recipient, every
     click.echo(f"{'would delete' if dry_run else 'deleted'} {count} {noun}")
 
 
-@click.command()
+@click.command(short_help="Forget expired triplets and (auto-)whitelist entries.")
 @click.option("--dry-run", is_flag=True, help="Count what would be removed; change nothing.")
 @click.option("--quiet", is_flag=True, help="Print nothing unless something fails (for cron).")
 @click.pass_context
@@ -193,22 +193,26 @@ class _progressbar:
             self.bar.__exit__(*exc)
 
 
-@click.command()
+@click.command(short_help="Store sizes, recent decisions, greylisting delays.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.pass_context
 def stats(ctx: click.Context, as_json: bool) -> None:
-    """Triplets, auto-whitelist, whitelist sizes, the decisions and sessions
-    (over TLS, in plaintext) of the last hour and day, and what greylisting
-    cost the mail that passed.
+    """Sizes of the store, recent decisions and sessions, greylisting delays.
 
-    Decisions are counted per clock hour: "last hour" is this hour and the
-    one before, "last day" this hour and the 24 before (the output says
-    since when). Whitelist sizes count live entries; expired ones, which
-    cleanup removes, are counted apart. The greylisting delay of a triplet
-    is from its first try to the retry that passed; median, 90th percentile
-    (nearest rank) and longest are over the triplets that passed in the
-    last 24 hours and the last 7 days, and the five sender domains held
-    longest over the week are listed.
+    Triplets, auto-whitelist and whitelist sizes; the decisions and sessions
+    (over TLS, in plaintext) of about the last hour and day; and what
+    greylisting cost the mail that passed.
+
+    Decisions are counted per clock hour, so the columns start on the hour
+    and say when: the "hour" column is this clock hour and the one before
+    (at 10:20, since 09:00), the "day" column this clock hour and the 24
+    before. An action with one reason of its own name (relay-denied) is
+    not broken down. Whitelist sizes count live entries; expired ones,
+    which cleanup removes, are counted apart. The greylisting delay of a
+    triplet is from its first try to the retry that passed; median, 90th
+    percentile (nearest rank) and longest are over the triplets that
+    passed in the last 24 hours and the last 7 days, and the five sender
+    domains held longest over the week are listed.
 
     \b
     Examples:
@@ -242,11 +246,15 @@ def _print_stats(report: dict) -> None:
     click.echo(f"whitelist:       {kinds}; {wl['expired']} expired (cleanup removes them)")
     hour, day = report["decisions"]["hour"], report["decisions"]["day"]
     click.echo("")
-    rows = [["decisions", "last hour", "last day"]]
+    rows = [["decisions", time.strftime("since %H:%M", time.localtime(hour["since"])),
+             time.strftime("since %a %H:%M", time.localtime(day["since"]))]]
     for action in dict.fromkeys([*hour["actions"], *day["actions"]]):
-        rows.append([f"  {ACTION_LABELS.get(action, action)}", hour["actions"].get(action, 0),
+        label = ACTION_LABELS.get(action, action)
+        rows.append([f"  {label}", hour["actions"].get(action, 0),
                      day["actions"].get(action, 0)])
         reasons = day["reasons"].get(action, {})
+        if list(reasons) in ([label], [action]):
+            continue      # relay-denied's one reason is relay-denied: its count is shown
         for reason in reasons:
             rows.append([f"    {reason}", hour["reasons"].get(action, {}).get(reason, 0),
                          reasons[reason]])
@@ -256,9 +264,8 @@ def _print_stats(report: dict) -> None:
     for kind in SESSION_KINDS:
         rows.append([f"  {'over TLS' if kind == 'tls' else kind}", hour[kind], day[kind]])
     for name, *counts in rows:
-        click.echo(f"{name:<28} {counts[0]:>10} {counts[1]:>10}")
-    click.echo(f"(counted per clock hour: last hour since {when(hour['since'], zone=False)}, "
-               f"last day since {when(day['since'], zone=False)})")
+        click.echo(f"{name:<28} {counts[0]:>15} {counts[1]:>15}".rstrip())
+    click.echo("(counted per clock hour, so each column starts on the hour)")
     click.echo("")
     _print_delay(report["greylist_delay"], report["held_longest"])
 

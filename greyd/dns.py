@@ -19,7 +19,9 @@ than to list: 127.255.255.0/24 (Spamhaus: typing error, query through an
 open resolver, excessive volume) and 127.0.0.255 (dnswl.org: query blocked).
 Those, and answers outside 127.0.0.0/8 (a resolver that rewrites NXDOMAIN),
 count as "not listed" and are logged as failures. NXDOMAIN from a zone is
-its normal "not listed" answer, not a failure, and is not logged.
+its normal "not listed" answer, not a failure, and is not logged. Nor is
+NXDOMAIN (or no PTR record) for a client's reverse name a failure: many
+clients have none, so it is a DEBUG line `dns no-name`, not a `dns failure`.
 """
 
 from __future__ import annotations
@@ -263,7 +265,10 @@ class Lookup:
         try:
             return self.resolver.resolve(qname, rdtype, lifetime=remaining, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as error:
-            if not missing_is_answer:
+            if rdtype == "PTR":     # many clients have no reverse name: an answer, not a failure
+                logger.debug("dns no-name %s", log.fields(
+                    client=address, query=_text(qname), answer=_describe(error)))
+            elif not missing_is_answer:
                 self._failure(address, qname, rdtype, _describe(error), level=logging.INFO)
         except (dns.exception.DNSException, OSError) as error:
             self._failure(address, qname, rdtype, _describe(error))

@@ -23,9 +23,9 @@ from .ip import Network
 MAX_DURATION = 10 * 365 * 86400  # ten years: a sane ceiling, far below timeout overflow
 MAX_WORKERS = 64                 # server.workers: processes, far more than a small host has cores
 
-_DURATION = re.compile(r"([0-9]+)([smhd]?)", re.ASCII)
+_DURATION = re.compile(r"([0-9]+)([smhdw]?)", re.ASCII)
 _SIZE = re.compile(r"([0-9]+)([bkmg]?)", re.ASCII | re.IGNORECASE)
-_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _BYTES = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?", re.ASCII)
 _DOMAIN = re.compile(r"\.?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
@@ -71,8 +71,8 @@ def _with_unit(value: Any, key: str, pattern: re.Pattern, units: dict[str, int],
 
 
 def parse_duration(value: Any, key: str) -> int:
-    """Seconds from an int or a string like '300', '90s', '5m', '2h', '35d'."""
-    what = 'a duration (seconds, or a string like "90s", "5m", "2h", "35d")'
+    """Seconds from an int or a string like '300', '90s', '5m', '2h', '35d', '1w'."""
+    what = 'a duration (seconds, or a string like "90s", "5m", "2h", "35d", "1w")'
     seconds = _with_unit(value, key, _DURATION, _SECONDS, what)
     if seconds > MAX_DURATION:
         raise fail(key, f"must be at most {MAX_DURATION} seconds (ten years)", value)

@@ -5,6 +5,9 @@ one JSON document."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import time
 
 import click
 import pytest
@@ -88,3 +91,47 @@ def test_json_output_is_one_document(tmp_path):
         json.loads(result.stdout)
         checked += 1
     assert checked >= 2
+
+
+def test_expires_takes_weeks_like_the_config(tmp_path):
+    config = tmp_path / "greyd.toml"
+    config.write_text(f'[database]\npath = "{tmp_path}/greyd.db"\n[log]\nfile = ""\n')
+    before = int(time.time())
+    added = greyd("whitelist", "add", "--sender", "a@example.org", "--expires", "1w",
+                  config=config)
+    assert added.returncode == 0, added.stderr
+    [entry] = json.loads(greyd("whitelist", "list", "--json", config=config).stdout)
+    assert before + 604800 <= entry["expires"] <= int(time.time()) + 604800
+    refused = greyd("whitelist", "add", "--sender", "b@example.org", "--expires", "1W",
+                    config=config)
+    assert refused.returncode == 1 and refused.stderr.startswith("greyd: --expires: must be")
+
+
+# The commands whose one-line summary in `greyd --help` this file checks; the
+# others' summaries are being shortened elsewhere, so they join the list later.
+SUMMARIZED = {(): ["check", "cleanup", "explain", "stats", "triplets"],
+              ("triplets",): ["delete", "list"]}
+
+
+def summaries(*group: str) -> dict[str, str]:
+    """The Commands section of `greyd [GROUP] --help` at 80 columns: name -> summary."""
+    result = greyd(*group, "--help", env={**os.environ, "COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    section = result.stdout.split("Commands:\n", 1)[1]
+    found: dict[str, str] = {}
+    for line in section.splitlines():
+        if re.match(r"^  \S", line):
+            name, _, text = line.strip().partition(" ")
+            found[name] = text.strip()
+        elif line.strip():                       # a summary wrapped onto the next line
+            found[name] += " " + line.strip()
+    return found
+
+
+@pytest.mark.parametrize("group", list(SUMMARIZED), ids=lambda g: " ".join(g) or "greyd")
+def test_command_summaries_in_help_are_whole_sentences(group):
+    found = summaries(*group)
+    for name in SUMMARIZED[group]:
+        summary = found[name]
+        assert not summary.endswith(("...", "…")), (name, summary)
+        assert summary.endswith(".") and len(summary) <= 60, (name, summary)

@@ -110,14 +110,15 @@ def test_empty_file_gives_defaults(tmp_path):
 @pytest.mark.parametrize("value, seconds", [
     (0, 0), (300, 300), ("300", 300), ("0s", 0), ("90s", 90), ("5m", 300),
     ("2h", 7200), ("35d", 35 * 86400), ("010m", 600), (values.MAX_DURATION, values.MAX_DURATION),
+    ("1w", 604800), ("5w", 35 * 86400), ("0w", 0),
 ])
 def test_parse_duration_accepts(value, seconds):
     assert values.parse_duration(value, "greylist.delay") == seconds
 
 
 @pytest.mark.parametrize("value", [
-    -1, True, False, 1.5, None, [], "", "5x", "5 m", " 5m", "-5m", "5M", "m", "1w", "1.5h",
-    "5m ", "٣", values.MAX_DURATION + 1, f"{values.MAX_DURATION // 86400 + 1}d",
+    -1, True, False, 1.5, None, [], "", "5x", "5 m", " 5m", "-5m", "5M", "m", "1W", "w", "1wk",
+    "1.5h", "5m ", "٣", values.MAX_DURATION + 1, f"{values.MAX_DURATION // 86400 + 1}d",
 ])
 def test_parse_duration_rejects(value):
     with pytest.raises(ConfigError, match=r"^greylist\.delay: "):
@@ -152,6 +153,24 @@ def test_duration_units_multiply(n):
     assert values.parse_duration(f"{n}m", "k") == n * 60
     assert values.parse_duration(f"{n}h", "k") == n * 3600
     assert values.parse_duration(f"{n}d", "k") == n * 86400
+
+
+@given(st.integers(min_value=0, max_value=values.MAX_DURATION // (7 * 86400)))
+def test_weeks_are_seven_days(n):
+    assert values.parse_duration(f"{n}w", "k") == values.parse_duration(f"{7 * n}d", "k")
+
+
+def test_a_duration_in_weeks_is_refused_beyond_ten_years():
+    weeks = values.MAX_DURATION // (7 * 86400) + 1
+    with pytest.raises(ConfigError, match=r"^k: must be at most"):
+        values.parse_duration(f"{weeks}w", "k")
+
+
+def test_config_durations_take_weeks(tmp_path):
+    c = load_text(tmp_path, '[greylist]\nretry_window = "1w"\nmax_age = "5w"\n')
+    assert (c.greylist.retry_window, c.greylist.max_age) == (604800, 35 * 86400)
+    message = error_of(tmp_path, '[greylist]\nmax_age = "5 w"\n')
+    assert message.startswith("greylist.max_age: must be a duration") and '"1w"' in message
 
 
 @given(st.integers(min_value=0, max_value=2**50))

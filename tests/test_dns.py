@@ -297,15 +297,47 @@ def test_a_dns_failure_decides_as_if_dns_were_off(start_greyd, upstream, dns_ser
     [decision] = decisions(logs)
     assert (decision["name"], decision["reason"]) == ("unknown", "new")
     assert dns_server.count(PTR1, "PTR") >= 1
-    [failure] = logs.wait_for(rf"^dns failure .*query={re.escape(PTR1)} ")
-    assert fields(failure) == {"client": "127.0.0.1", "query": PTR1, "type": "PTR",
-                               "error": error}
+    if mode == NXDOMAIN:                       # no reverse name: not a failure
+        [no_name] = logs.wait_for(rf"^dns no-name .*query={re.escape(PTR1)} ")
+        assert fields(no_name)["answer"] == error
+        assert logs.matching(r"^dns failure ") == []
+    else:
+        [failure] = logs.wait_for(rf"^dns failure .*query={re.escape(PTR1)} ")
+        assert fields(failure) == {"client": "127.0.0.1", "query": PTR1, "type": "PTR",
+                                   "error": error}
     zone = r"^dns failure .*query=1\.0\.0\.127\.wl\.test "
     if mode == NXDOMAIN:
         assert logs.matching(zone) == []       # NXDOMAIN from a zone: "not listed"
     else:
         [zone_failure] = logs.wait_for(zone)
         assert fields(zone_failure)["error"] == error
+
+
+def test_a_client_without_a_reverse_name_is_a_debug_line_not_a_failure(
+        start_greyd, upstream, dns_server, logs):
+    dns_server.add(PTR2, "A", "192.0.2.9")     # PTR2 exists, without a PTR: NOERROR, no answer
+    g = start(start_greyd, upstream.port, dns_server)    # PTR1 is unknown: NXDOMAIN
+    assert attempt(g.smtp("127.0.0.1"), ["a@localhost"]) == [451]
+    assert attempt(g.smtp("127.0.0.2"), ["b@localhost"]) == [451]
+    assert [d["name"] for d in decisions(logs)] == ["unknown", "unknown"]
+    logs.wait_for(r"^dns no-name client=127\.0\.0\.2 ")
+    no_names = [line for line in logs.lines if " dns no-name " in line]
+    assert all(" DEBUG dns no-name " in line for line in no_names), no_names
+    found = sorted((fields(line.split(" DEBUG ", 1)[1]) for line in no_names),
+                   key=lambda line: line["client"])
+    assert found == [{"client": "127.0.0.1", "query": PTR1, "answer": "nxdomain"},
+                     {"client": "127.0.0.2", "query": PTR2, "answer": "no-answer"}]
+    assert logs.matching(r"^dns (failure|unverified) ") == []
+
+
+def test_a_reverse_lookup_that_fails_is_still_a_warning(start_greyd, upstream, dns_server, logs):
+    dns_server.mode(PTR1, SERVFAIL)
+    g = start(start_greyd, upstream.port, dns_server)
+    assert attempt(g.smtp("127.0.0.1"), ["a@localhost"]) == [451]
+    logs.wait_for(rf"^dns failure .*query={re.escape(PTR1)} ")
+    [failure] = [line for line in logs.lines if " dns failure " in line]
+    assert " WARNING dns failure " in failure and "error=servfail" in failure
+    assert logs.matching(r"^dns no-name ") == []
 
 
 @pytest.mark.parametrize("silent", ["everything", "the forward lookup"])

@@ -609,6 +609,37 @@ def test_stats_counts_decisions_triplets_and_whitelists(tmp_path, upstream):
         assert re.search(rf"^ +{label} +{in_hour} +{in_day}$", out, re.M), label
 
 
+def test_stats_shows_each_count_once_and_since_when_each_column_counts(tmp_path):
+    config = make_config(tmp_path)
+    now = int(time.time())
+    this_hour = now - now % HOUR
+    with open_db(tmp_path) as store:
+        store.conn.executemany("INSERT INTO counters VALUES (?, ?, ?, ?)", [
+            (this_hour, "reject", "relay-denied", 2),
+            (this_hour - HOUR, "reject", "relay-denied", 3),        # the hour column's start
+            (this_hour - 2 * HOUR, "reject", "relay-denied", 5),    # the day's only
+            (this_hour - 24 * HOUR, "greylist", "new", 7)])         # the day column's start
+        store.conn.commit()
+    report = json.loads(greyd("stats", "--json", config=config).stdout)
+    hour, day = report["decisions"]["hour"], report["decisions"]["day"]
+    assert (hour["since"], day["since"]) == (this_hour - HOUR, this_hour - DAY)
+    assert hour["actions"]["reject"] == 5 and day["actions"]["reject"] == 10
+    assert day["reasons"]["reject"] == {"relay-denied": 10}     # JSON keeps the breakdown
+
+    human = greyd("stats", config=config)
+    assert human.returncode == 0, human.stderr
+    out = human.stdout
+    starts = (time.strftime("%H:%M", time.localtime(this_hour - HOUR)),
+              time.strftime("%a %H:%M", time.localtime(this_hour - DAY)))
+    assert re.search(rf"^decisions +since {starts[0]} +since {starts[1]}$", out, re.M), out
+    assert re.findall(r"^ +relay-denied .*$", out, re.M) == [
+        f"  relay-denied{5:>30}{10:>16}"]                           # once, not again as reason
+    assert re.search(r"^  deferred +0 +7$", out, re.M) and re.search(r"^    new +0 +7$", out, re.M)
+    assert re.search(r"^  total +5 +17$", out, re.M)
+    assert "(counted per clock hour, so each column starts on the hour)" in out
+    assert "last hour" not in out
+
+
 # -- stats: what greylisting cost the mail that passed ------------------------------------------
 
 CLOCK = 1_800_000_000                # the stats' clock in the tests that pass `now` in
