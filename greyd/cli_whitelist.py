@@ -23,11 +23,13 @@ SELECTORS = entries.KINDS
 def _selector_options(command):
     """The four mutually exclusive selectors of add and remove."""
     helps = {
-        "client": ("CIDR", "Client IP address or network (192.0.2.7, 192.0.2.0/24, 2001:db8::/32)."),
+        "client": ("CIDR", "Client IP address or network (192.0.2.7, 192.0.2.0/24, "
+                           "2001:db8::/32, 10.1 = 10.1.0.0/16)."),
         "hostname": ("PATTERN", "Client's verified reverse name: mx.example.com (exactly), "
                                 ".example.com (it and every name under it) or /regex/."),
         "sender": ("ADDR", "Envelope sender: user@dom, @dom (whole domain) or user@ (local part)."),
-        "recipient": ("ADDR", "Envelope recipient: user@dom, @dom or user@."),
+        "recipient": ("ADDR", "Envelope recipient: user@dom, @dom, user@ or /regex/ "
+                              "(searched in the whole address)."),
     }
     for name in reversed(SELECTORS):
         metavar, text = helps[name]
@@ -72,7 +74,7 @@ def _shown(kind: str, value: str, given: str) -> str:
     return f"{kind} {value} (given as {given.strip()})"
 
 
-@click.group()
+@click.group(short_help="Static whitelist: add, remove, list, import.")
 def whitelist() -> None:
     """The static whitelist: clients, client hostnames, senders, recipients.
 
@@ -87,18 +89,23 @@ def whitelist() -> None:
     """
 
 
-@whitelist.command(short_help="Add one entry, or update it.")
+@whitelist.command(short_help="Add an entry, or update one already there.")
 @_selector_options
 @click.option("--comment", metavar="TEXT", help="Why the entry is there (shown by list).")
 @click.option("--expires", metavar="DURATION",
-              help="Stop matching after this long: 3600, 90m, 12h, 7d (default: never).")
+              help="Stop matching after this long: 3600, 90m, 12h, 7d "
+                   "(default: a new entry never expires, an existing one keeps its expiry).")
+@click.option("--permanent", is_flag=True,
+              help="Never expire: makes an existing temporary entry permanent.")
 @click.pass_context
-def add(ctx: click.Context, comment: str | None, expires: str | None, **selectors) -> None:
+def add(ctx: click.Context, comment: str | None, expires: str | None, permanent: bool,
+        **selectors) -> None:
     """Add one entry; exactly one of --client, --hostname, --sender, --recipient.
 
-    Adding an entry that is already there is not an error: its expiry becomes
-    the one given here (none: never expires), and its comment too when
-    --comment is given.
+    Adding an entry that is already there is not an error: it keeps its
+    expiry unless --expires (a new one) or --permanent (none) is given; an
+    entry that has expired is renewed as a new one would be. Its comment
+    changes when --comment is given. The output says what happened.
 
     \b
     Examples:
@@ -107,7 +114,10 @@ def add(ctx: click.Context, comment: str | None, expires: str | None, **selector
       greyd whitelist add --hostname '/^out-[0-9]+\\.mta\\.example\\.net$/'
       greyd whitelist add --recipient abuse@ --comment "RFC 2142"
       greyd whitelist add --sender alice@example.org --expires 7d
+      greyd whitelist add --sender alice@example.org --permanent
     """
+    if expires is not None and permanent:
+        raise click.UsageError("--expires and --permanent exclude each other")
     kind, value = _selected(selectors)
     if comment is not None:
         comment = _comment(comment)
@@ -122,20 +132,48 @@ def add(ctx: click.Context, comment: str | None, expires: str | None, **selector
             raise GreydError(f"--expires: must be more than 0 seconds, got {expires!r}")
         until = int(now) + seconds
     with open_store(load_config(ctx)) as store:
-        added = store.add_whitelist(kind, value, comment=comment, expires=until, now=now)
-    what = _shown(kind, value, selectors[kind])
-    status = "added" if added else "already present, updated"
-    click.echo(f"{status}: {what}" + (f", expires {when(until)}" if until else ""))
+        before = _stored(store, kind, value)
+        store.add_whitelist(kind, value, comment=comment, expires=until, now=now,
+                            keep_expiry=expires is None and not permanent)
+        after = _stored(store, kind, value)
+    click.echo(_add_report(_shown(kind, value, selectors[kind]), before, after, now))
 
 
-@whitelist.command(short_help="Remove one entry.")
+def _stored(store, kind: str, value: str) -> dict | None:
+    """The stored entry (kind, value), or None."""
+    return next((row for row in store.whitelist_entries(kind) if row["value"] == value), None)
+
+
+def _add_report(what: str, before: dict | None, after: dict, now: float) -> str:
+    """What `add` did, in one line: added, kept, or which expiry it changed."""
+    if before is None:
+        expires = after["expires"]
+        return f"added: {what}" + (f", expires {when(expires)}" if expires else "")
+    was, now_is = _expiry(before["expires"], now), _expiry(after["expires"], now)
+    line = f"already in the whitelist: {what}, {was}, " + (
+        "kept" if was == now_is else f"now {now_is}")
+    if before["comment"] != after["comment"]:
+        line += ", comment updated"
+    return line
+
+
+def _expiry(expires: int | None, now: float) -> str:
+    if expires is None:
+        return "permanent"
+    return ("expired " if expires <= now else "expires ") + when(expires)
+
+
+@whitelist.command(short_help="Remove one entry, given as it was added.")
 @_selector_options
 @click.pass_context
 def remove(ctx: click.Context, **selectors) -> None:
     """Remove one entry, given as it was added (it is normalized the same way).
 
     Removing an entry that is not there exits 1, so that a typo shows;
-    `greyd whitelist list` shows the entries as stored.
+    `greyd whitelist list` shows the entries as stored. A hostname given
+    as example.com does not remove .example.com (what `import` makes of
+    postgrey's example.com), nor the other way round: the error names the
+    stored entry and the command that removes it.
 
     \b
     Examples:
@@ -143,14 +181,25 @@ def remove(ctx: click.Context, **selectors) -> None:
       greyd whitelist remove --sender @partner.example
     """
     kind, value = _selected(selectors)
+    what = _shown(kind, value, selectors[kind])
     with open_store(load_config(ctx)) as store:
-        removed = store.remove_whitelist(kind, value)
-    if not removed:
-        raise GreydError(f"not in the whitelist: {_shown(kind, value, selectors[kind])}")
-    click.echo(f"removed: {_shown(kind, value, selectors[kind])}")
+        if not store.remove_whitelist(kind, value):
+            raise GreydError(f"not in the whitelist: {what}{_other_form(store, kind, value)}")
+    click.echo(f"removed: {what}")
 
 
-@whitelist.command(name="list", short_help="List the entries.")
+def _other_form(store, kind: str, value: str) -> str:
+    """A hint when the other spelling of a hostname (name <-> .domain) is stored."""
+    if kind != "hostname" or entries.is_regex(value):
+        return ""
+    other = value[1:] if value.startswith(".") else "." + value
+    if _stored(store, kind, other) is None:
+        return ""
+    meaning = "that name only" if value.startswith(".") else "the domain and every name under it"
+    return f" (stored as {other}, {meaning}: greyd whitelist remove --hostname {other})"
+
+
+@whitelist.command(name="list", short_help="List the entries, with expiry and comment.")
 @click.option("--kind", type=click.Choice(SELECTORS), help="Only entries of this kind.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.pass_context
@@ -207,7 +256,7 @@ def import_(ctx: click.Context, file: str, kind: str, comment: str | None,
       example.com: that name and every name under it (.example.com);
       /^mx[0-9]+\\.example\\.net$/: a pattern for the client's name.
     whitelist_recipients: user@domain, user@, domain (= @domain);
-      regular expressions are skipped: greyd has none for recipients.
+      /^postmaster@/: a pattern searched in the whole recipient address.
 
     Entries already there are left as they are; lines that are not entries
     are skipped, with their number and the reason. Importing a file twice

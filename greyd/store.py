@@ -251,17 +251,20 @@ class Store:
     # -- whitelist maintenance -------------------------------------------------
 
     def add_whitelist(self, kind: str, value: str, comment: str | None = None,
-                      expires: int | None = None, now: float = 0) -> bool:
+                      expires: int | None = None, now: float = 0, *,
+                      keep_expiry: bool = False) -> bool:
         """Add an entry; False when it was there already.
 
-        An existing entry takes the new expiry (None: never), and the new
-        comment when one is given; it keeps its `added` time.
+        An existing entry takes the new expiry (None: never) unless keep_expiry
+        and it is live, and the new comment when one is given; it keeps its `added` time.
         """
         _check_kind(kind)
         with transaction(self.conn):
             existed = self.conn.execute(
-                "SELECT 1 FROM whitelist WHERE kind = ? AND value = ?",
+                "SELECT expires FROM whitelist WHERE kind = ? AND value = ?",
                 (kind, value)).fetchone()
+            if keep_expiry and existed and (existed[0] is None or existed[0] > now):
+                expires = existed[0]
             # Only a real change fires the triggers, so a daemon reloads only then.
             self.conn.execute(
                 "INSERT INTO whitelist (kind, value, comment, added, expires)"

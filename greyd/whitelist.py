@@ -2,8 +2,8 @@
 
 Owns the spelling of an entry (SPEC §3): a client network, a client hostname
 (exact, `.domain` or `/regex/`), a sender or recipient (`user@dom`, `@dom`,
-`user@`), and the reading of postgrey's `whitelist_clients` and
-`whitelist_recipients` files into such entries. Normalized values are what
+`user@`; a recipient also `/regex/`), and the reading of postgrey's
+`whitelist_clients` and `whitelist_recipients` files into such entries. Normalized values are what
 the store keeps and what `Whitelist` matches, so one entry has one
 spelling and adding it twice finds the first.
 
@@ -45,7 +45,9 @@ def normalize(kind: str, text: str) -> str:
         return normalize_client(text)
     if kind == "hostname":
         return normalize_hostname(text)
-    if kind in ("sender", "recipient"):
+    if kind == "recipient":
+        return normalize_recipient(text)
+    if kind == "sender":
         return normalize_address(text)
     raise ValueError(f"unknown whitelist kind: {kind!r}")
 
@@ -55,13 +57,18 @@ def normalize_client(text: str) -> str:
 
     Host bits are dropped ('192.0.2.7/24' -> '192.0.2.0/24'); an IPv4-mapped
     IPv6 network becomes the IPv4 network it covers, as the decision sees
-    such clients as IPv4 (SPEC §5).
+    such clients as IPv4 (SPEC §5). Leading octets alone are postgrey's
+    network of them: '10.1' (or '10.1.') is 10.1.0.0/16.
     """
     value = _plain(text, "client")
     if "%" in value:
         raise ValueError(f"client: a zone index (%...) has no place in a network: {value}")
+    spelled = value
+    if _PARTIAL_IPV4.fullmatch(value):
+        octets = value.rstrip(".").split(".")
+        spelled = ".".join(octets + ["0"] * (4 - len(octets))) + f"/{8 * len(octets)}"
     try:
-        network = ipaddress.ip_network(value, strict=False)
+        network = ipaddress.ip_network(spelled, strict=False)
     except ValueError:
         raise ValueError(f"client: not an IP address or network: {value}") from None
     network = unmapped_network(network)
@@ -74,7 +81,7 @@ def normalize_hostname(text: str) -> str:
     """'mx.example.com' (that name), '.example.com' (it and every name under it)
     or '/regex/' (searched in the name, case-insensitively; kept as given)."""
     value = _plain(text, "hostname")
-    if len(value) > 2 and value.startswith("/") and value.endswith("/"):
+    if is_regex(value):
         check_regex(value[1:-1])
         return value
     if value.startswith("/") or value.endswith("/"):
@@ -87,6 +94,17 @@ def normalize_hostname(text: str) -> str:
     return "." + name if suffix else name
 
 
+def normalize_recipient(text: str) -> str:
+    """A recipient as normalize_address spells it, or '/regex/' (kept as given),
+    searched in the whole recipient address as greyd keys it (idn.address_key),
+    case-insensitively, as postgrey's whitelist_recipients does."""
+    value = _plain(text, "recipient")
+    if is_regex(value):
+        check_regex(value[1:-1])
+        return value
+    return normalize_address(value)
+
+
 def normalize_address(text: str) -> str:
     """'user@dom', '@dom' (the whole domain) or 'user@' (that local part anywhere),
     lower-cased (NFC; an internationalized domain as its A-label, as the
@@ -94,6 +112,8 @@ def normalize_address(text: str) -> str:
     value = _plain(text, "address")
     if value.startswith("<") and value.endswith(">"):
         value = value[1:-1]
+    if is_regex(value):
+        raise ValueError(f"address: a /regex/ entry is for recipients and hostnames only: {value}")
     if value.count("@") != 1:
         hint = "" if "@" in value else \
             " (write @domain for a whole domain, user@ for a local part)"
@@ -131,10 +151,21 @@ def check_domain(name: str, what: str) -> str:
     return name
 
 
+def is_regex(value: str) -> bool:
+    """Whether a stored or given value is a '/regex/' entry."""
+    return len(value) > 2 and value.startswith("/") and value.endswith("/")
+
+
+def compile_regex(pattern: str) -> re.Pattern:
+    """`pattern` as every regex entry (hostname or recipient) is matched:
+    re.search, case-insensitive, anchored only as written."""
+    return re.compile(pattern, re.IGNORECASE)
+
+
 def check_regex(pattern: str) -> None:
-    """ValueError unless `pattern` compiles as greyd will use it (case-insensitive)."""
+    """ValueError unless `pattern` compiles as greyd will use it (compile_regex)."""
     try:
-        re.compile(pattern, re.IGNORECASE)
+        compile_regex(pattern)
     except (re.error, OverflowError, RecursionError) as error:
         raise ValueError(f"regular expression /{pattern}/ does not compile: {error}") from None
 
@@ -203,14 +234,7 @@ def postgrey_client(text: str) -> tuple[str, str]:
         raise ValueError("more than one word on the line")
     if text.startswith("/"):
         return "hostname", normalize_hostname(text)
-    if _PARTIAL_IPV4.fullmatch(text):
-        octets = text.rstrip(".").split(".")
-        network = ".".join(octets + ["0"] * (4 - len(octets))) + f"/{8 * len(octets)}"
-        try:
-            return "client", normalize_client(network)
-        except ValueError:
-            raise ValueError(f"client: not an IP address or network: {text}") from None
-    if _LOOKS_LIKE_IP.fullmatch(text):
+    if _LOOKS_LIKE_IP.fullmatch(text):      # leading octets too: normalize_client reads them
         return "client", normalize_client(text)
     return "hostname", normalize_hostname(text if text.startswith(".") else "." + text)
 
@@ -218,14 +242,13 @@ def postgrey_client(text: str) -> tuple[str, str]:
 def postgrey_recipient(text: str) -> tuple[str, str]:
     """('recipient', value) for one line of `whitelist_recipients`.
 
-    postgrey's 'user@domain', 'user@' and '@domain' are greyd's own forms; a
-    plain 'domain.tld' means the whole domain, '@domain.tld'. greyd has no
-    regular expressions for recipients: such a line is refused.
+    postgrey's 'user@domain', 'user@', '@domain' and '/regex/' are greyd's
+    own forms; a plain 'domain.tld' means the whole domain, '@domain.tld'.
     """
     if any(ch.isspace() for ch in text):
         raise ValueError("more than one word on the line")
-    if len(text) > 2 and text.startswith("/") and text.endswith("/"):
-        raise ValueError("regular expressions are not supported for recipients")
+    if is_regex(text):
+        return "recipient", normalize_recipient(text)
     if "@" not in text:
         text = "@" + text
     return "recipient", normalize_address(text)
@@ -252,6 +275,7 @@ class Whitelist:
     patterns: list[tuple[re.Pattern, Entry]] = field(default_factory=list)
     senders: dict[str, Entry] = field(default_factory=dict)
     recipients: dict[str, Entry] = field(default_factory=dict)
+    recipient_patterns: list[tuple[re.Pattern, Entry]] = field(default_factory=list)
 
     @classmethod
     def build(cls, entries: Iterable[Entry]) -> "Whitelist":
@@ -271,8 +295,8 @@ class Whitelist:
             _keep(self.networks.setdefault(net.version, {}).setdefault(net.prefixlen, {}),
                   net, entry)
         elif entry.kind == "hostname":
-            if len(value) > 1 and value.startswith("/") and value.endswith("/"):
-                self.patterns.append((re.compile(value[1:-1], re.IGNORECASE), entry))
+            if is_regex(value):
+                self.patterns.append((compile_regex(value[1:-1]), entry))
             elif value.startswith("."):
                 _keep(self.suffixes, value.lower(), entry)
             else:
@@ -280,7 +304,10 @@ class Whitelist:
         elif entry.kind == "sender":
             _keep(self.senders, value.lower(), entry)
         elif entry.kind == "recipient":
-            _keep(self.recipients, value.lower(), entry)
+            if is_regex(value):
+                self.recipient_patterns.append((compile_regex(value[1:-1]), entry))
+            else:
+                _keep(self.recipients, value.lower(), entry)
         else:
             raise ValueError(f"unknown whitelist kind: {entry.kind}")
 
@@ -308,6 +335,11 @@ class Whitelist:
                     yield entry
         yield from _address_candidates(self.senders, request.sender)
         yield from _address_candidates(self.recipients, request.recipient)
+        if self.recipient_patterns and request.recipient:
+            recipient = idn.address_key(request.recipient)
+            for pattern, entry in self.recipient_patterns:
+                if pattern.search(recipient):
+                    yield entry
 
 
 def _keep(table: dict, key, entry: Entry) -> None:

@@ -135,3 +135,21 @@ def test_command_summaries_in_help_are_whole_sentences(group):
         summary = found[name]
         assert not summary.endswith(("...", "…")), (name, summary)
         assert summary.endswith(".") and len(summary) <= 60, (name, summary)
+
+
+def whitelist_commands():
+    """The whitelist group and its commands, as the words that name them."""
+    group = cli.commands["whitelist"]
+    return [(("whitelist",), group)] + [
+        (("whitelist", name), command) for name, command in sorted(group.commands.items())]
+
+
+@pytest.mark.parametrize("words, command", whitelist_commands(),
+                         ids=[" ".join(words) for words, _ in whitelist_commands()])
+def test_whitelist_summaries_are_whole_in_the_command_lists(words, command):
+    summary = command.get_short_help_str(limit=45)    # 45: click's limit for shell completion
+    assert summary == command.short_help and len(summary) <= 45 and "..." not in summary
+    listing = greyd(*words[:-1], "--help", env={**os.environ, "COLUMNS": "80"})
+    assert listing.returncode == 0, listing.stderr
+    assert re.search(rf"^  {words[-1]} +{re.escape(summary)}$", listing.stdout, re.M), \
+        listing.stdout

@@ -219,6 +219,12 @@ WHITELIST_CASES = [
     ("hostname", ".sender.example", {"client_name": "sender.example"}),
     ("hostname", ".sender.example", {"client_name": "out-7.mx.sender.example"}),
     ("hostname", r"/^out-\d+\.mx\.sender\.example$/", {"client_name": "out-7.mx.sender.example"}),
+    # recipient patterns: re.search in the address as greyd keys it (idn.address_key)
+    ("recipient", "/^postmaster@/", {"recipient": "Postmaster@Example.ORG"}),
+    ("recipient", r"/^abuse@.*\.example\.net$/", {"recipient": "abuse@lists.example.net"}),
+    ("recipient", r"/^ABUSE@.*\.EXAMPLE\.NET$/", {"recipient": "abuse@lists.example.net"}),
+    ("recipient", "/list-/", {"recipient": "my-list-x@example.org"}),     # anchored as written
+    ("recipient", r"/^bob@xn--bcher-kva\.example\.net$/", {"recipient": "Bob@B\u00fccher.example.net"}),
 ]
 
 
@@ -243,6 +249,10 @@ def test_static_whitelist_accepts(kind, value, overrides):
     ("hostname", "mx.sender.example", {}),     # no verified name: hostnames can't match
     ("hostname", "mx.sender.example", {"client_name": "evil-mx.sender.example"}),
     ("hostname", ".sender.example", {"client_name": "sender.example.evil"}),
+    ("recipient", "/^postmaster@/", {"recipient": "webmaster@example.org"}),
+    ("recipient", "/^postmaster@/", {"recipient": "not-postmaster@example.org"}),
+    ("recipient", r"/^abuse@.*\.example\.net$/", {"recipient": "abuse@example.org"}),
+    ("recipient", "/^bob@/", {"sender": "bob@sender.example", "recipient": "carol@example.org"}),
 ])
 def test_static_whitelist_does_not_overreach(kind, value, overrides):
     v = decide(request(**overrides), RULES, MemoryFacts(entries=[Entry(kind, value)]), T)
@@ -526,6 +536,19 @@ def test_whitelist_add_rejects_what_build_leaves_out():
     wl = Whitelist.build([Entry("helo", "mx.example"), Entry("hostname", "/unbalanced(/"),
                           Entry("client", "not-a-network"), Entry("client", "198.51.100.0/24")])
     assert wl.match(request(client="198.51.100.9"), T) == "198.51.100.0/24"
+
+
+def test_a_recipient_pattern_that_does_not_compile_is_left_out():
+    with pytest.raises(re.error):
+        Whitelist().add(Entry("recipient", "/unbalanced(/"))
+    wl = Whitelist.build([Entry("recipient", "/unbalanced(/"), Entry("recipient", "/^bob@/")])
+    assert wl.match(request(), T) == "/^bob@/"
+
+
+def test_an_expired_recipient_pattern_does_not_match():
+    facts = MemoryFacts(entries=[Entry("recipient", "/^bob@/", expires=T)])
+    assert decide(request(), RULES, facts, T - 1).reason == "whitelist:/^bob@/"
+    assert (decide(request(), RULES, facts, T).reason) == "new"
 
 
 def test_whitelist_prefers_no_entry_to_an_expired_one():

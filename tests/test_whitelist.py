@@ -22,6 +22,7 @@ from greyd import whitelist
 from greyd.policy import Request
 from greyd.store import Store
 from greyd.whitelist import Entry, Whitelist
+from greyd.clitools import when
 from greyd.store import Store
 
 from conftest import write_config
@@ -88,6 +89,12 @@ VALID = [
     ("client", "2001:db8:1:2::/48", "2001:db8:1::/48"),
     ("client", "::ffff:192.0.2.1", "192.0.2.1/32"),
     ("client", "::ffff:192.0.2.0/120", "192.0.2.0/24"),
+    ("client", "10.1", "10.1.0.0/16"),             # leading octets, as postgrey reads them
+    ("client", "192.0.2", "192.0.2.0/24"),
+    ("client", "10.", "10.0.0.0/8"),
+    ("client", "192.0.2.7.", "192.0.2.7/32"),
+    ("recipient", "/^postmaster@/", "/^postmaster@/"),
+    ("recipient", r"/^Abuse@.*\.example\.org$/", r"/^Abuse@.*\.example\.org$/"),
     ("hostname", "MX.Example.COM", "mx.example.com"),
     ("hostname", "mx.example.com.", "mx.example.com"),
     ("hostname", "out_1.mta.example.com", "out_1.mta.example.com"),
@@ -106,7 +113,11 @@ VALID = [
 INVALID = [
     ("client", "", "empty"),
     ("client", "300.1.2.3", "not an IP address or network"),
-    ("client", "192.0.2", "not an IP address or network"),
+    ("client", "192.0.300", "not an IP address or network: 192.0.300"),
+    ("client", "010.1", "not an IP address or network"),
+    ("recipient", "/list-(/", "does not compile"),
+    ("recipient", "/x{99999999999}/", "does not compile"),
+    ("sender", "/^alice@/", "for recipients and hostnames only"),
     ("client", "192.0.2.0/33", "not an IP address or network"),
     ("client", "example.com", "not an IP address or network"),
     ("client", "fe80::1%eth0", "zone index"),
@@ -225,12 +236,12 @@ def test_reading_postgrey_lines():
         (13, None, None, "hostname"),
     ]
     recipients = [(line.value, line.reason) for line in whitelist.read_postgrey(
-        ["postmaster@", "example.com", "@example.net", "bob@example.org", "/^x@/"],
+        ["postmaster@", "example.com", "@example.net", "bob@example.org", "/^x@/", "/x(/"],
         "recipient")]
-    assert recipients == [
+    assert recipients[:5] == [
         ("postmaster@", None), ("@example.com", None), ("@example.net", None),
-        ("bob@example.org", None),
-        (None, "regular expressions are not supported for recipients")]
+        ("bob@example.org", None), ("/^x@/", None)]
+    assert recipients[5][0] is None and "/x(/ does not compile" in recipients[5][1]
 
 
 # -- the store's whitelist methods (conftest's `store`) ---------------------------
@@ -328,7 +339,8 @@ def test_adding_twice_is_not_an_error_and_updates_the_comment(config):
     assert first.returncode == 0 and first.stdout == "added: sender @example.org\n"
     again = run(config, "add", "--sender", "@EXAMPLE.org", "--comment", "partner, renewed")
     assert again.returncode == 0, again.stderr
-    assert again.stdout.startswith("already present, updated: sender @example.org")
+    assert again.stdout == \
+        "already in the whitelist: sender @example.org, permanent, kept, comment updated\n"
     kept = run(config, "add", "--sender", "@example.org")
     assert kept.returncode == 0
     [entry] = listed(config)
@@ -341,7 +353,7 @@ def test_either_form_of_an_idn_is_one_entry_and_explain_reads_both(tmp_path):
     assert first.returncode == 0 and first.stdout == (
         "added: recipient @xn--bcher-kva.example (given as @B\u00fcCHER.example)\n")
     again = run(config, "add", "--recipient", "@xn--bcher-kva.example")
-    assert again.stdout.startswith("already present"), again.stdout
+    assert again.stdout.startswith("already in the whitelist"), again.stdout
     [entry] = listed(config)
     assert entry["value"] == "@xn--bcher-kva.example"
     for recipient in ("bob@b\u00fccher.example", "bob@xn--bcher-kva.example",
@@ -360,6 +372,131 @@ def test_removing_an_absent_entry_says_so_and_exits_1(config):
     assert one_line_error(result) == "greyd: not in the whitelist: client 192.0.2.9/32 (given as 192.0.2.9)"
 
 
+def test_removing_a_name_that_import_stored_as_a_domain_names_the_stored_form(config, tmp_path):
+    path = tmp_path / "whitelist_clients"
+    path.write_text("google.com\n")
+    assert run(config, "import", str(path)).returncode == 0
+    assert one_line_error(run(config, "remove", "--hostname", "google.com")) == (
+        "greyd: not in the whitelist: hostname google.com (stored as .google.com, the domain "
+        "and every name under it: greyd whitelist remove --hostname .google.com)")
+    assert [e["value"] for e in listed(config)] == [".google.com"]   # refused: nothing removed
+    removed = run(config, "remove", "--hostname", ".google.com")
+    assert removed.stdout == "removed: hostname .google.com\n"
+
+    assert run(config, "add", "--hostname", "mx.example.com").returncode == 0
+    assert one_line_error(run(config, "remove", "--hostname", ".mx.example.com")) == (
+        "greyd: not in the whitelist: hostname .mx.example.com (stored as mx.example.com, "
+        "that name only: greyd whitelist remove --hostname mx.example.com)")
+    assert one_line_error(run(config, "remove", "--hostname", "other.example.com")) == \
+        "greyd: not in the whitelist: hostname other.example.com"
+
+
+def expiry(config: Path, value: str):
+    [entry] = [e for e in listed(config) if e["value"] == value]
+    return entry["expires"]
+
+
+def test_re_adding_keeps_the_expiry_unless_told_and_says_what_happened(config):
+    week = run(config, "add", "--sender", "@example.org", "--expires", "7d")
+    assert week.returncode == 0 and week.stdout.startswith("added: sender @example.org, expires ")
+    expires = expiry(config, "@example.org")
+    shown = when(expires)
+
+    again = run(config, "add", "--sender", "@example.org", "--comment", "partner")
+    assert again.stdout == (f"already in the whitelist: sender @example.org, expires {shown}, "
+                            "kept, comment updated\n")
+    assert expiry(config, "@example.org") == expires
+
+    forever = run(config, "add", "--sender", "@example.org", "--permanent")
+    assert forever.stdout == (f"already in the whitelist: sender @example.org, expires {shown}, "
+                              "now permanent\n")
+    assert expiry(config, "@example.org") is None
+    assert run(config, "add", "--sender", "@example.org").stdout == \
+        "already in the whitelist: sender @example.org, permanent, kept\n"
+    assert expiry(config, "@example.org") is None
+
+    day = run(config, "add", "--sender", "@example.org", "--expires", "1d")
+    assert day.stdout.startswith("already in the whitelist: sender @example.org, permanent, "
+                                 "now expires ")
+    assert abs(expiry(config, "@example.org") - (time.time() + 86400)) < 60
+
+    both = run(config, "add", "--sender", "@example.org", "--permanent", "--expires", "7d")
+    assert both.returncode == 2 and "--expires and --permanent exclude each other" in both.stderr
+    assert abs(expiry(config, "@example.org") - (time.time() + 86400)) < 60
+
+
+def test_re_adding_an_expired_entry_renews_it_as_a_new_one(config):
+    database = config.parent.parent / "var/greyd.db"      # where conftest's config keeps it
+    database.parent.mkdir()
+    with Store(database) as store:
+        store.migrate()
+        store.add_whitelist("client", "192.0.2.0/24", expires=T, now=T - 60)
+    renewed = run(config, "add", "--client", "192.0.2.0/24")
+    assert renewed.stdout == ("already in the whitelist: client 192.0.2.0/24, "
+                              f"expired {when(T)}, now permanent\n")
+    assert expiry(config, "192.0.2.0/24") is None
+
+
+def test_client_takes_leading_octets_as_import_does(tmp_path):
+    config = write_config(tmp_path, 10025)
+    added = run(config, "add", "--client", "127.0")
+    assert added.stdout == "added: client 127.0.0.0/16 (given as 127.0)\n"
+    path = tmp_path / "whitelist_clients"
+    path.write_text("127.0\n")
+    report = json.loads(run(config, "import", str(path), "--json").stdout)
+    assert [(p["line"], p["value"]) for p in report["present"]] == [(1, "127.0.0.0/16")]
+    report = explain(config, client="127.0.9.9")
+    assert (report["action"], report["reason"]) == ("accept", "whitelist:127.0.0.0/16")
+    removed = run(config, "remove", "--client", "127.0.")
+    assert removed.stdout == "removed: client 127.0.0.0/16 (given as 127.0.)\n"
+    assert one_line_error(run(config, "add", "--client", "127.300")) == \
+        "greyd: --client: not an IP address or network: 127.300"
+
+
+RECIPIENTS_FILE = """\
+# postgrey whitelist_recipients
+postmaster@                    # role accounts
+abuse@localhost
+example.org                    # the whole domain
+/^postmaster@/
+/^abuse@.*\\.example\\.net$/       # anchored as written
+/^list-(/
+"""
+
+
+def test_recipient_patterns_are_imported_added_removed_and_matched(tmp_path):
+    config = write_config(tmp_path, 10025, relay={"domains": ["localhost", "example.net", ".example.net"]})
+    path = tmp_path / "whitelist_recipients"
+    path.write_text(RECIPIENTS_FILE)
+    result = run(config, "import", "--kind", "recipient", str(path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "line 5: added: recipient /^postmaster@/" in lines
+    assert "line 6: added: recipient /^abuse@.*\\.example\\.net$/" in lines
+    assert lines[-2] == ("line 7: skipped: /^list-(/: regular expression /^list-(/ does not "
+                         "compile: missing ), unterminated subpattern at position 6")
+    assert lines[-1] == f"{path}: 5 added, 0 already present, 1 skipped"
+
+    for recipient, reason in [
+            ("Abuse@Lists.Example.NET", "whitelist:/^abuse@.*\\.example\\.net$/"),
+            ("abuse@example.net", "new"),                   # the pattern wants a subdomain
+            ("notabuse@lists.example.net", "new"),          # anchored at the start
+            ("postmaster@lists.example.net", "whitelist:postmaster@"),
+            ("bob@localhost", "new")]:
+        assert explain(config, client="198.51.100.7", recipient=recipient)["reason"] == reason, \
+            recipient
+
+    added = run(config, "add", "--recipient", "/^BOB@/", "--comment", "pattern")
+    assert added.stdout == "added: recipient /^BOB@/\n"
+    assert explain(config, client="198.51.100.7")["reason"] == "whitelist:/^BOB@/"
+    assert run(config, "remove", "--recipient", "/^BOB@/").stdout == "removed: recipient /^BOB@/\n"
+    assert explain(config, client="198.51.100.7")["reason"] == "new"
+    assert one_line_error(run(config, "add", "--recipient", "/bob(/")).startswith(
+        "greyd: --recipient: regular expression /bob(/ does not compile: ")
+    assert one_line_error(run(config, "add", "--sender", "/^alice@/")) == (
+        "greyd: --sender: a /regex/ entry is for recipients and hostnames only: /^alice@/")
+
+
 def test_expires_is_listed_and_an_expired_entry_no_longer_matches(config):
     assert explain(config)["action"] == "greylist"
     week = run(config, "add", "--client", "127.0.0.1", "--expires", "7d", "--comment", "trial")
@@ -373,7 +510,8 @@ def test_expires_is_listed_and_an_expired_entry_no_longer_matches(config):
     assert (report["action"], report["reason"]) == ("accept", "whitelist:127.0.0.1/32")
 
     soon = run(config, "add", "--client", "127.0.0.1", "--expires", "1s")
-    assert soon.returncode == 0 and soon.stdout.startswith("already present, updated")
+    assert soon.returncode == 0 and soon.stdout.startswith("already in the whitelist")
+    assert ", now expires " in soon.stdout
     time.sleep(1.1)
     report = explain(config)
     assert (report["action"], report["reason"]) == ("greylist", "new")
@@ -472,16 +610,15 @@ def test_import_reports_added_present_and_skipped_lines(config, tmp_path):
 def test_import_of_recipients_with_a_comment_of_ones_own(config, tmp_path):
     path = tmp_path / "whitelist_recipients"
     path.write_bytes(b"postmaster@\nexample.com\n@example.net\nbob@example.org\n"
-                     b"/^list-.*@/\na@b@c\nbad\xff@example.org\n")
+                     b"/^list-.*@/\na@b@c\nbad\xff@example.org\n/list-(/\n")
     result = run(config, "import", "--kind", "recipient", "--comment", "from postgrey",
                  str(path), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [a["value"] for a in report["added"]] == [
-        "postmaster@", "@example.com", "@example.net", "bob@example.org"]
+        "postmaster@", "@example.com", "@example.net", "bob@example.org", "/^list-.*@/"]
     assert [(s["line"], s["reason"].split(":")[0]) for s in report["skipped"]] == [
-        (5, "regular expressions are not supported for recipients"),
-        (6, "address"), (7, "address")]
+        (6, "address"), (7, "address"), (8, "regular expression /list-(/ does not compile")]
     assert {(e["kind"], e["comment"]) for e in listed(config)} == {("recipient", "from postgrey")}
 
 
@@ -514,7 +651,8 @@ LIVE = {
                ("--sender", "alice@", "alice@")],
     "recipient": [("--recipient", "bob@localhost", "bob@localhost"),
                   ("--recipient", "@localhost", "@localhost"),
-                  ("--recipient", "bob@", "bob@")],
+                  ("--recipient", "bob@", "bob@"),
+                  ("--recipient", "/^BOB@local/", "/^BOB@local/")],
 }
 
 
