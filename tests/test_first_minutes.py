@@ -58,7 +58,7 @@ def quiet_config(root: Path, **sections: dict) -> Path:
 def test_on_the_defaults_another_loopback_address_is_greylisted_and_the_host_trusted(
         tmp_path):
     port = free_port()
-    config = quiet_config(tmp_path)
+    config = quiet_config(tmp_path, upstream={"port": free_port()})    # no MTA listens there
     with Foreground(config, "--listen", f"127.0.0.1:{port}"):
         wait_listening(port)
         code, text = attempt(port, "127.0.0.2")
