@@ -25,6 +25,7 @@ setup(
             "aiosmtpd>=1.4",
             "hypothesis>=6",
             "trustme>=1.1",
+            "wheel",        # the package test builds a wheel without build isolation
         ],
     },
     entry_points={"console_scripts": ["greyd = greyd.cli:main"]},
