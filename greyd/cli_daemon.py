@@ -362,6 +362,7 @@ def reopen_logs(ctx: click.Context) -> None:
 
     \b
     Example:
+      greyd reopen-logs
       greyd -c /etc/greyd/greyd.toml reopen-logs
     """
     _, _, pid = _find_running(ctx)

@@ -75,6 +75,7 @@ class Host:
 
     greyd: str
     root: Path | None = None
+    given: str | None = None    # a config of the operator's (-c): named, not written
 
     def path(self, absolute: str) -> Path:
         return Path(self.text(absolute))
@@ -86,7 +87,12 @@ class Host:
     def render(self, name: str) -> str:
         """A template with its paths set for this host."""
         text = HOST_PATH.sub(lambda found: self.text(found.group(1)), template(name))
-        return text.replace(TEMPLATE_GREYD, self.greyd)
+        return text.replace(TEMPLATE_GREYD, self.greyd).replace(self.text(CONFIG), self.config_path)
+
+    @property
+    def config_path(self) -> str:
+        """The config the installed files run greyd with."""
+        return self.given or self.text(CONFIG)
 
     def config(self) -> str:
         """The sample config with the paths and the listen addresses of a host."""
@@ -118,12 +124,15 @@ class Setup:
         self.directory("/etc/greyd", 0o755, "root", "root")
         for directory in (STATE, LOGS, RUN):
             self.directory(directory, 0o750, USER, GROUP)
-        self.write(CONFIG, self.host.config(), 0o640, "root", GROUP, keep=True)
+        if self.host.given:
+            self.say(f"kept {self.host.given} (given with -c)")
+        else:
+            self.write(CONFIG, self.host.config(), 0o640, "root", GROUP, keep=True)
         for name, target in FILES:
             self.write(target, self.host.render(name), 0o644, "root", "root")
         if not self.changed:
             self.say("nothing to change")
-        config = self.host.text(CONFIG)
+        config = self.host.config_path
         self.say(f"next: edit {config} (upstream, relay.domains), "
                  f"then greyd -c {config} check")
         self.say("next: systemctl daemon-reload && systemctl enable --now greyd")

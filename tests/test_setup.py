@@ -256,3 +256,16 @@ def test_the_wheel_carries_the_templates_and_sets_up_from_its_own_venv(tmp_path)
                            env={k: v for k, v in os.environ.items() if k != "GREYD_CONFIG"})
     assert check.returncode == 0, check.stderr
     assert f'path = "{root}/var/lib/greyd/greyd.db"' in check.stdout
+
+
+def test_a_config_given_with_c_is_named_by_the_files_and_not_written(installed, tmp_path):
+    mine = installed / "etc/greyd/greyd.toml"
+    other = tmp_path / "other"
+    result = subprocess.run([GREYD, "-c", str(mine), "setup", "--root", str(other)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"kept {mine} (given with -c)" in result.stdout.splitlines()
+    assert not (other / "etc/greyd/greyd.toml").exists()
+    unit = (other / "etc/systemd/system/greyd.service").read_text()
+    assert f"\nExecReload={GREYD} -c {mine} reload\n" in unit
+    assert f"{GREYD} -c {mine} reopen-logs" in (other / "etc/logrotate.d/greyd").read_text()
