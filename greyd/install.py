@@ -171,7 +171,7 @@ class Setup:
                       lambda: self._make(path, mode, owner))
             return
         stat = path.stat()
-        if stat.st_mode & 0o7777 == mode and owner in (None, (stat.st_uid, stat.st_gid)):
+        if stat.st_mode & 0o7777 == mode and self._owned(stat, owner):
             self.say(f"kept {path} (exists)")
             return
         self._act(f"set {path} to {self._describe(user, group, mode)}",
@@ -189,7 +189,7 @@ class Setup:
         if path.exists():
             stat = path.stat()
             if (path.read_text(encoding="utf-8") == text and stat.st_mode & 0o7777 == mode
-                    and owner in (None, (stat.st_uid, stat.st_gid))):
+                    and self._owned(stat, owner)):
                 self.say(f"kept {path} (unchanged)")
                 return
             verb, would = "updated", "update"
@@ -207,6 +207,13 @@ class Setup:
             if self.dry_run:
                 return None
             raise InstallError(f"no such user or group: {user}:{group}") from None
+
+    def _owned(self, stat: os.stat_result, owner: tuple[int, int] | None) -> bool:
+        """Owned as it should be: anything under --root; on the host, not
+        before the user exists (a dry run)."""
+        if owner is None:
+            return self.host.root is not None
+        return (stat.st_uid, stat.st_gid) == owner
 
     def _describe(self, user: str, group: str, mode: int) -> str:
         if self.host.root is not None:

@@ -269,3 +269,18 @@ def test_a_config_given_with_c_is_named_by_the_files_and_not_written(installed, 
     unit = (other / "etc/systemd/system/greyd.service").read_text()
     assert f"\nExecReload={GREYD} -c {mine} reload\n" in unit
     assert f"{GREYD} -c {mine} reopen-logs" in (other / "etc/logrotate.d/greyd").read_text()
+
+
+def test_a_dry_run_on_the_host_says_what_it_would_do_and_does_nothing():
+    watched = [Path(p) for p in ("/etc/greyd", "/etc/systemd/system/greyd.service",
+                                 "/etc/cron.d/greyd", "/etc/logrotate.d/greyd", "/var/lib/greyd")]
+    before = {path: path.exists() for path in watched}
+    result = subprocess.run([GREYD, "setup", "--dry-run"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] in ("would create group greyd: groupadd --system greyd",
+                        "kept group greyd (exists)")
+    assert all(line.startswith(("would ", "kept ", "nothing to change", "next: ")) for line in lines)
+    assert lines[-1] == "next: systemctl daemon-reload && systemctl enable --now greyd"
+    assert {path: path.exists() for path in watched} == before
