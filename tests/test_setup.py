@@ -284,3 +284,15 @@ def test_a_dry_run_on_the_host_says_what_it_would_do_and_does_nothing():
     assert all(line.startswith(("would ", "kept ", "nothing to change", "next: ")) for line in lines)
     assert lines[-1] == "next: systemctl daemon-reload && systemctl enable --now greyd"
     assert {path: path.exists() for path in watched} == before
+
+
+def test_the_installed_cron_job_runs_silently(installed):
+    """The job line as cron runs it: its SHELL, its PATH, the rest of the line."""
+    lines = [line for line in (installed / "etc/cron.d/greyd").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    settings = dict(line.split("=", 1) for line in lines if re.match(r"^[A-Z_]+=", line))
+    job, = (line for line in lines if not re.match(r"^[A-Z_]+=", line))
+    command = job.split(None, 6)[6]
+    result = subprocess.run([settings["SHELL"], "-c", command], capture_output=True, text=True,
+                            timeout=60, env={"PATH": settings["PATH"], "HOME": str(installed)})
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
