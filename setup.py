@@ -5,6 +5,9 @@ setup(
     version="0.1.0",
     description="A greylisting SMTP proxy for small mail hosts",
     packages=find_packages(include=["greyd", "greyd.*"]),
+    # The sample config and the unit, cron and logrotate templates `greyd setup`
+    # installs: links to etc/ in a checkout, copied into the package when built.
+    package_data={"greyd": ["data/*"]},
     python_requires=">=3.11",
     install_requires=[
         "dnspython>=2.4",
@@ -22,6 +25,7 @@ setup(
             "aiosmtpd>=1.4",
             "hypothesis>=6",
             "trustme>=1.1",
+            "wheel",        # the package test builds a wheel without build isolation
         ],
     },
     entry_points={"console_scripts": ["greyd = greyd.cli:main"]},

@@ -128,11 +128,13 @@ def _explanation(request, verdict: policy.Verdict, seen: policy.Seen | None) -> 
 
 
 # -- command modules: each registers its commands here ------------------------------
-from .cli_daemon import reload, start, status, stop  # noqa: E402
+from .cli_daemon import reload, reopen_logs, start, status, stop  # noqa: E402
+from .cli_setup import setup  # noqa: E402
 from .cli_maintenance import cleanup, stats, triplets  # noqa: E402
 from .cli_whitelist import whitelist  # noqa: E402
 
-for command in (start, stop, status, reload, whitelist, triplets, cleanup, stats):
+for command in (start, stop, status, reload, reopen_logs, whitelist, triplets, cleanup,
+                stats, setup):
     cli.add_command(command)
 
 

@@ -1,8 +1,8 @@
-"""`greyd start | stop | status | reload`: running greyd as a daemon.
+"""`greyd start | stop | status | reload | reopen-logs`: running greyd as a daemon.
 
 start binds, opens the store, drops privileges (server.user) and serves;
-it detaches unless --foreground. stop, status and reload find the running
-daemon through the pidfile of the same config; a state file beside it
+it detaches unless --foreground. stop, status, reload and reopen-logs find
+the running daemon through the pidfile of the same config; a state file beside it
 records when it started and where it listens, for `status`.
 """
 
@@ -95,7 +95,8 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
         notify("", f"greyd started (pid {os.getpid()}), listening on {listening}")
     try:
         if counts is None:
-            serve(daemon, signals, lambda: _reloaded(config, listen, foreground, daemon))
+            serve(daemon, signals, lambda: _reloaded(config, listen, foreground, daemon),
+                  lambda: _reopen_logs(daemon.ctx.config, foreground))
         else:
             supervise(Workers(daemons, counts, _worker(config, listen, foreground, signals)),
                       signals, lambda: _reopen_logs(config, foreground))
@@ -152,14 +153,17 @@ def _write_state(config: configuration.Config, daemon: Daemon) -> None:
 
 
 class Signals:
-    """SIGTERM/SIGINT ask for a stop, SIGHUP for a reload; the main thread acts."""
+    """SIGTERM/SIGINT ask for a stop, SIGHUP for a reload, SIGUSR1 for the
+    log files reopened (logrotate; the config is not re-read); the main
+    thread acts."""
 
     def __init__(self):
         self.wake = threading.Event()
-        self.stop = self.reload = False
+        self.stop = self.reload = self.reopen = False
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGUSR1, self._on_reopen)
 
     def _on_stop(self, *_):
         self.stop = True
@@ -169,10 +173,14 @@ class Signals:
         self.reload = True
         self.wake.set()
 
+    def _on_reopen(self, *_):
+        self.reopen = True
+        self.wake.set()
 
-def serve(daemon: Daemon, signals: Signals, reload, alive=None) -> None:
+
+def serve(daemon: Daemon, signals: Signals, reload, reopen_logs, alive=None) -> None:
     """Serve until a stop signal (or until `alive()` turns False); reload on
-    SIGHUP; then stop gracefully."""
+    SIGHUP, reopen the log files on SIGUSR1; then stop gracefully."""
     daemon.start()
     while not signals.stop:
         signals.wake.wait(None if alive is None else WATCH)
@@ -181,14 +189,18 @@ def serve(daemon: Daemon, signals: Signals, reload, alive=None) -> None:
             logger.error("master process gone, stopping")
             break
         if signals.reload and not signals.stop:
-            signals.reload = False
+            signals.reload = signals.reopen = False      # a reload reopens them too
             reload()
+        if signals.reopen and not signals.stop:
+            signals.reopen = False
+            reopen_logs()
     daemon.stop()
 
 
 def supervise(workers: Workers, signals: Signals, reopen_logs) -> None:
-    """The master (server.workers > 1): start the workers, pass SIGHUP on to
-    them, replace one that died; on a stop signal, stop them all gracefully."""
+    """The master (server.workers > 1): start the workers, pass SIGHUP and
+    SIGUSR1 on to them, replace one that died; on a stop signal, stop them
+    all gracefully."""
     for number in range(len(workers.daemons)):
         workers.start(number)
     while not signals.stop:
@@ -198,6 +210,10 @@ def supervise(workers: Workers, signals: Signals, reopen_logs) -> None:
             signals.reload = False
             reopen_logs()
             workers.signal(signal.SIGHUP)
+        if signals.reopen and not signals.stop:
+            signals.reopen = False
+            reopen_logs()
+            workers.signal(signal.SIGUSR1)
         workers.reap(restart=not signals.stop)
     workers.stop()
 
@@ -210,18 +226,23 @@ def _worker(config: configuration.Config, listen, foreground: bool, signals: Sig
 
     def run(daemon: Daemon) -> None:
         signals.wake = threading.Event()
-        signals.reload = False
+        signals.reload = signals.reopen = False
         serve(daemon, signals, lambda: _reloaded(config, listen, foreground, daemon),
+              lambda: _reopen_logs(daemon.ctx.config, foreground),
               alive=lambda: master_alive(master))
     return run
 
 
 def _reopen_logs(config: configuration.Config, foreground: bool) -> None:
-    """The master's part of a reload: its own log files reopened (logrotate)."""
+    """The log files of `config` closed and opened again (logrotate moved
+    them); a master's part of a reload or a reopen, a worker's SIGUSR1."""
     try:
         log.setup(config.log, stderr=foreground)
-    except OSError:
-        pass            # the workers, reloading, report it
+    except OSError as error:        # standard error (the journal) rather than nowhere
+        log.setup(dataclasses.replace(config.log, file=None, debug_file=None), stderr=True)
+        logger.error("cannot reopen log files %s", log.fields(error=error))
+        return
+    logger.info("log files reopened %s", log.fields(pid=os.getpid()))
 
 
 def _reloaded(first: configuration.Config, listen, foreground: bool, daemon: Daemon) -> None:
@@ -332,6 +353,23 @@ def reload(ctx: click.Context) -> None:
     load_certificate(config)
     signal_process(pid, signal.SIGHUP)
     click.echo(f"greyd reloading (pid {pid})")
+
+
+@click.command("reopen-logs")
+@click.pass_context
+def reopen_logs(ctx: click.Context) -> None:
+    """Reopen the log files (SIGUSR1), for logrotate; the config is not re-read.
+
+    \b
+    Example:
+      greyd reopen-logs
+      greyd -c /etc/greyd/greyd.toml reopen-logs
+    """
+    _, _, pid = _find_running(ctx)
+    if pid is None:
+        raise GreydError("not running")
+    signal_process(pid, signal.SIGUSR1)
+    click.echo(f"greyd reopening its log files (pid {pid})")
 
 
 def signal_process(pid: int, signum: int) -> None:

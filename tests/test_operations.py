@@ -1,4 +1,5 @@
-"""greyd as a daemon on a mail host: start/stop/status/reload, privileges, init and log files.
+"""greyd as a daemon on a mail host: start/stop/status/reload/reopen-logs, privileges,
+init and log files.
 
 Everything runs the real `greyd` command; where root would hide an error,
 capabilities are dropped; where a system tool is the peer (systemd-analyze,
@@ -158,6 +159,43 @@ def test_reload_reopens_the_log_file(detached, tmp_path, port):
     assert "from=c@example.net" in logfile.read_text()
     assert "from=c@example.net" not in logfile.with_suffix(".log.1").read_text()
     assert "from=a@example.net" in logfile.with_suffix(".log.1").read_text()
+
+
+def test_reopen_logs_reopens_every_workers_log_and_keeps_the_config(tmp_path, upstream, port):
+    """SIGUSR1, for logrotate: the master and each worker reopen their log
+    files; the config, edited meanwhile, is not re-read."""
+    logfile = tmp_path / "var/log/greyd.log"
+    config = config_for(tmp_path, upstream.port, port, server={"workers": 2},
+                        greylist={"delay": "1h"}, log={"file": str(logfile)})
+    assert greyd("start", config=config).returncode == 0
+    try:
+        pid = int((tmp_path / "var/greyd.pid").read_text())
+        deliver(port, "a@example.net", "b@localhost")
+        assert until(lambda: "from=a@example.net" in logfile.read_text(), 10)
+        logfile.rename(logfile.with_suffix(".log.1"))
+        config.write_text(config.read_text().replace(
+            'domains = ["localhost", "example.org"]',
+            'domains = ["localhost", "example.org", "new.example"]'))
+        reopened = greyd("reopen-logs", config=config)
+        assert reopened.returncode == 0, reopened.stderr
+        assert reopened.stdout == f"greyd reopening its log files (pid {pid})\n"
+        assert until(lambda: logfile.exists() and len(set(re.findall(
+            r"greyd\[(\d+)\]: INFO log files reopened", logfile.read_text()))) == 3, 10), \
+            "the master and both workers should have reopened the log"
+        for number in range(8):
+            deliver(port, f"c{number}@example.net", "d@localhost")
+        assert deliver(port, "a@example.net", "b@new.example")[0][0] == 550   # old config
+    finally:
+        assert greyd("stop", config=config).returncode == 0
+    new, old = logfile.read_text(), logfile.with_suffix(".log.1").read_text()
+    assert all(f"from=c{number}@example.net" in new for number in range(8))
+    assert "from=c" not in old and "from=a@example.net" in old
+    assert "reloaded" not in new
+
+
+def test_reopen_logs_without_a_daemon_is_one_line(detached):
+    result = greyd("reopen-logs", config=detached)
+    assert result.returncode == 1 and result.stderr == "greyd: not running\n"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
