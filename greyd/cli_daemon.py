@@ -3,7 +3,9 @@
 start binds, opens the store, drops privileges (server.user) and serves;
 it detaches unless --foreground. stop, status, reload and reopen-logs find
 the running daemon through the pidfile of the same config; a state file beside it
-records when it started and where it listens, for `status`.
+records when it started and where it listens, for `status` (and, once
+stopping, how many sessions the stop waits for, for `stop`). The main loop
+a running greyd is in is mainloop.py.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ import click
 
 from . import config as configuration, log, values
 from .admission import SharedCounts
-from .clitools import GreydError, echo_json, load_certificate, load_config, when
+from .clitools import GreydError, describe, echo_json, load_certificate, load_config, when
 from .daemonize import Pidfile, alive, batch_scheduling, detach, drop_privileges, lookup_user
 from .greylist import Greylister
 from .server import GRACE, Daemon
 from .context import Context
 from .storage import StoreError
 from .values import ConfigError
-from .workers import WATCH, Workers, master_alive
+from .mainloop import Signals, serve, supervise
+from .workers import Workers, master_alive
 
 STOP_WAIT = GRACE + 15.0    # seconds `greyd stop` waits for the exit
+STOP_NOTICE = 0.5           # ... and says what it waits for once a stop takes longer
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ def state_path(config: configuration.Config) -> Path:
     return config.server.pidfile.with_suffix(".state")
 
 
-@click.command()
+@click.command(short_help="Start the proxy (detached unless --foreground).")
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr too.")
 @click.option("--listen", multiple=True, metavar="HOST:PORT",
               help="Listen here instead of server.listen (repeatable; [::1]:2525 for IPv6).")
@@ -62,7 +66,7 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
     try:
         log.setup(config.log, stderr=foreground)
     except OSError as error:
-        raise GreydError(f"cannot open log file: {error}") from None
+        raise GreydError(f"cannot open log file: {describe(error)}") from None
     greylister = _open_greylister(config)
     workers = config.server.workers
     counts = SharedCounts(workers) if workers > 1 else None
@@ -87,8 +91,8 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
             drop_privileges(user, _owned_paths(config))
     except OSError as error:
         if notify:
-            notify(f"cannot start: {error}")
-        raise GreydError(f"cannot start: {error}") from None
+            notify(f"cannot start: {describe(error)}")
+        raise GreydError(f"cannot start: {describe(error)}") from None
     signals = Signals()
     if notify:
         listening = ", ".join(values.format_hostport(*a) for a in daemon.addresses)
@@ -96,10 +100,12 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
     try:
         if counts is None:
             serve(daemon, signals, lambda: _reloaded(config, listen, foreground, daemon),
-                  lambda: _reopen_logs(daemon.ctx.config, foreground))
+                  lambda: _reopen_logs(daemon.ctx.config, foreground),
+                  stopping=lambda sessions: _note_stopping(config, sessions))
         else:
             supervise(Workers(daemons, counts, _worker(config, listen, foreground, signals)),
-                      signals, lambda: _reopen_logs(config, foreground))
+                      signals, lambda: _reopen_logs(config, foreground),
+                      stopping=lambda sessions: _note_stopping(config, sessions))
     finally:
         pidfile.remove()
         state_path(config).unlink(missing_ok=True)
@@ -152,70 +158,15 @@ def _write_state(config: configuration.Config, daemon: Daemon) -> None:
     state_path(config).write_text(json.dumps(state) + "\n")
 
 
-class Signals:
-    """SIGTERM/SIGINT ask for a stop, SIGHUP for a reload, SIGUSR1 for the
-    log files reopened (logrotate; the config is not re-read); the main
-    thread acts."""
-
-    def __init__(self):
-        self.wake = threading.Event()
-        self.stop = self.reload = self.reopen = False
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
-        signal.signal(signal.SIGUSR1, self._on_reopen)
-
-    def _on_stop(self, *_):
-        self.stop = True
-        self.wake.set()
-
-    def _on_reload(self, *_):
-        self.reload = True
-        self.wake.set()
-
-    def _on_reopen(self, *_):
-        self.reopen = True
-        self.wake.set()
-
-
-def serve(daemon: Daemon, signals: Signals, reload, reopen_logs, alive=None) -> None:
-    """Serve until a stop signal (or until `alive()` turns False); reload on
-    SIGHUP, reopen the log files on SIGUSR1; then stop gracefully."""
-    daemon.start()
-    while not signals.stop:
-        signals.wake.wait(None if alive is None else WATCH)
-        signals.wake.clear()
-        if alive is not None and not alive():
-            logger.error("master process gone, stopping")
-            break
-        if signals.reload and not signals.stop:
-            signals.reload = signals.reopen = False      # a reload reopens them too
-            reload()
-        if signals.reopen and not signals.stop:
-            signals.reopen = False
-            reopen_logs()
-    daemon.stop()
-
-
-def supervise(workers: Workers, signals: Signals, reopen_logs) -> None:
-    """The master (server.workers > 1): start the workers, pass SIGHUP and
-    SIGUSR1 on to them, replace one that died; on a stop signal, stop them
-    all gracefully."""
-    for number in range(len(workers.daemons)):
-        workers.start(number)
-    while not signals.stop:
-        signals.wake.wait(WATCH)
-        signals.wake.clear()
-        if signals.reload and not signals.stop:
-            signals.reload = False
-            reopen_logs()
-            workers.signal(signal.SIGHUP)
-        if signals.reopen and not signals.stop:
-            signals.reopen = False
-            reopen_logs()
-            workers.signal(signal.SIGUSR1)
-        workers.reap(restart=not signals.stop)
-    workers.stop()
+def _note_stopping(config: configuration.Config, sessions: int) -> None:
+    """Tell `greyd stop` how many sessions the stop waits for (the state file)."""
+    path = state_path(config)
+    try:
+        state = json.loads(path.read_text())
+        state["stopping"] = {"since": time.time(), "sessions": sessions}
+        path.write_text(json.dumps(state) + "\n")
+    except (OSError, ValueError):
+        pass                  # only `greyd stop`'s message is the poorer for it
 
 
 def _worker(config: configuration.Config, listen, foreground: bool, signals: Signals):
@@ -274,7 +225,7 @@ def _find_running(ctx: click.Context) -> tuple[configuration.Config, Pidfile, in
     return config, pidfile, pidfile.running()
 
 
-@click.command()
+@click.command(short_help="Stop gracefully (SIGTERM), wait for the exit.")
 @click.pass_context
 def stop(ctx: click.Context) -> None:
     """Stop greyd gracefully (SIGTERM) and wait until it has exited.
@@ -285,20 +236,35 @@ def stop(ctx: click.Context) -> None:
     Example:
       greyd stop
     """
-    _, _, pid = _find_running(ctx)
+    config, _, pid = _find_running(ctx)
     if pid is None:
         click.echo("greyd is not running")
         return
     signal_process(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_WAIT
+    started = time.monotonic()
+    told = False
     while alive(pid):
-        if time.monotonic() > deadline:
+        waited = time.monotonic() - started
+        if waited > STOP_WAIT:
             raise GreydError(f"pid {pid} did not exit within {STOP_WAIT:.0f} seconds")
+        if not told and waited > STOP_NOTICE:
+            click.echo(f"greyd stopping (pid {pid}): {_waiting_for(config)}")
+            told = True
         time.sleep(0.05)
     click.echo(f"greyd stopped (pid {pid})")
 
 
-@click.command()
+def _waiting_for(config: configuration.Config) -> str:
+    """What a stop under way waits for, as the daemon noted it."""
+    try:
+        sessions = json.loads(state_path(config).read_text())["stopping"]["sessions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "waiting for open sessions to finish (at most 30 s)"
+    noun = "session" if sessions == 1 else "sessions"
+    return f"waiting for {sessions} open {noun} to finish (at most 30 s, then 421)"
+
+
+@click.command(short_help="Exit 0 and a summary when running, 3 when not.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
@@ -336,7 +302,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"database: {report['database'] or '-'}")
 
 
-@click.command()
+@click.command(short_help="Re-read the config, reopen the log files (SIGHUP).")
 @click.pass_context
 def reload(ctx: click.Context) -> None:
     """Re-read the config and reopen log files (SIGHUP); open sessions keep the old config.
@@ -355,7 +321,7 @@ def reload(ctx: click.Context) -> None:
     click.echo(f"greyd reloading (pid {pid})")
 
 
-@click.command("reopen-logs")
+@click.command("reopen-logs", short_help="Reopen the log files only (SIGUSR1), for logrotate.")
 @click.pass_context
 def reopen_logs(ctx: click.Context) -> None:
     """Reopen the log files (SIGUSR1), for logrotate; the config is not re-read.

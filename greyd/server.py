@@ -215,6 +215,9 @@ class Daemon:
         logger.info("listening %s", log.fields(
             addresses=",".join(format_hostport(h, p) for h, p in self.addresses)))
 
+    def open_sessions(self) -> int:
+        return len(self.admission.sockets)
+
     def stop(self) -> None:
         """Graceful stop (SPEC §3): stop accepting, let sessions finish, 421 the rest."""
         logger.info("stopping %s", log.fields(sessions=len(self.admission.sockets)))

@@ -21,6 +21,7 @@ import pytest
 
 from greyd.config import DnsConfig
 from greyd.dns import Lookup, hostname, list_query
+from greyd.store import Store
 
 from conftest import LogLines, write_config
 from daemon import greyd as run_greyd
@@ -383,6 +384,9 @@ def test_explain_shows_the_name_and_the_listings(tmp_path, dns_server):
     dns_server.add("2.0.0.127.bl.test", "A", "127.0.0.2")
     config = write_config(tmp_path, 10025,
                           dns=dns_sections(dns_server, dnswl=["wl.test"], dnsbl=["bl.test"]))
+    (tmp_path / "var").mkdir()
+    with Store(tmp_path / "var" / "greyd.db") as store:     # as a first `greyd start` leaves it
+        store.migrate()
 
     def explain(client, *extra):
         result = run_greyd("explain", "--client", client, "--sender", "alice@example.net",

@@ -199,3 +199,22 @@ def test_a_deleted_working_directory_is_one_line(tmp_path):
     assert stderr == ("greyd: the working directory no longer exists; change to another one "
                       "or give -c PATH\n")
     assert "Errno" not in stderr and shutil.which("sh")
+
+
+def test_stop_says_how_many_sessions_it_waits_for(tmp_path):
+    port = free_port()
+    config = quiet_config(tmp_path, upstream={"port": free_port()})
+    with Foreground(config, "--listen", f"127.0.0.1:{port}") as daemon:
+        wait_listening(port)
+        client = smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=("127.0.0.2", 0))
+        client.ehlo("mail.example.org")
+        client.mail("alice@example.org")             # a transaction: the stop waits for it
+        stopping = subprocess.Popen([GREYD, "-c", str(config), "stop"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        first = stopping.stdout.readline()
+        assert first == (f"greyd stopping (pid {daemon.proc.pid}): waiting for 1 open session "
+                         "to finish (at most 30 s, then 421)\n")
+        client.quit()
+        rest, errors = stopping.communicate(timeout=30)
+    assert stopping.returncode == 0, errors
+    assert rest == f"greyd stopped (pid {daemon.proc.pid})\n"

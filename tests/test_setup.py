@@ -287,7 +287,12 @@ def test_a_dry_run_on_the_host_says_what_it_would_do_and_does_nothing():
 
 
 def test_the_installed_cron_job_runs_silently(installed):
-    """The job line as cron runs it: its SHELL, its PATH, the rest of the line."""
+    """The job line as cron runs it: its SHELL, its PATH, the rest of the line;
+    on the database a first `greyd start` (here: a first write) created."""
+    config = installed / "etc/greyd/greyd.toml"
+    created = subprocess.run([GREYD, "-c", str(config), "whitelist", "add", "--client",
+                              "192.0.2.1"], capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
     lines = [line for line in (installed / "etc/cron.d/greyd").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     settings = dict(line.split("=", 1) for line in lines if re.match(r"^[A-Z_]+=", line))

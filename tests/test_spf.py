@@ -17,6 +17,7 @@ import pytest
 
 from greyd import config as configuration, policy
 from greyd.spfcheck import identity
+from greyd.store import Store
 
 from conftest import LogLines, write_config
 from dnsserver import TIMEOUT, DnsServer
@@ -71,6 +72,13 @@ def send(greyd, source: str, sender: str = f"news@{DOMAIN}", recipient="bob@exam
         if code == 250:
             assert client.data(BODY)[0] == 250
     return code
+
+
+def created_database(root) -> None:
+    """The empty database a first `greyd start` leaves (explain reads it)."""
+    (root / "var").mkdir(exist_ok=True)
+    with Store(root / "var" / "greyd.db") as store:
+        store.migrate()
 
 
 # -- the key ------------------------------------------------------------------------------
@@ -212,6 +220,7 @@ def test_explain_shows_the_spf_result_and_the_key(tmp_path, dns_server, clock):
     from click.testing import CliRunner
     path = write_config(tmp_path, 10025, dns={"enabled": True,
                                               "nameservers": [dns_server.address]})
+    created_database(tmp_path)
     result = CliRunner().invoke(cli, ["-c", str(path), "explain", "--client", "127.16.1.10",
                                       "--sender", f"news@{DOMAIN}", "--recipient",
                                       "bob@example.org", "--json"])
@@ -348,6 +357,7 @@ def test_explain_names_the_suspicion_rule(tmp_path, dns_server):
     path = write_config(tmp_path, 10025, dns={"enabled": True,
                                               "nameservers": [dns_server.address]},
                         greylist={"mode": "suspicious"})
+    created_database(tmp_path)
     result = CliRunner().invoke(cli, ["-c", str(path), "explain", "--client", "127.16.1.10",
                                       "--sender", f"news@{DOMAIN}", "--recipient",
                                       "bob@example.org", "--helo", "mail.pool.example"])

@@ -427,7 +427,7 @@ def test_re_adding_keeps_the_expiry_unless_told_and_says_what_happened(config):
 
 def test_re_adding_an_expired_entry_renews_it_as_a_new_one(config):
     database = config.parent.parent / "var/greyd.db"      # where conftest's config keeps it
-    database.parent.mkdir()
+    database.parent.mkdir(exist_ok=True)
     with Store(database) as store:
         store.migrate()
         store.add_whitelist("client", "192.0.2.0/24", expires=T, now=T - 60)
