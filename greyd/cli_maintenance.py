@@ -21,7 +21,8 @@ ACTION_LABELS = {"greylist": "deferred", "accept": "accepted", "reject": "relay-
 KIND_LABELS = {"pending_triplets": "pending triplets (not retried within retry_window)",
                "passed_triplets": "passed triplets (unseen for max_age)",
                "auto_whitelist": "auto-whitelisted networks (unseen for max_age)",
-               "whitelist": "expired whitelist entries"}
+               "whitelist": "expired whitelist entries",
+               "counters": "decision counters (older than eight days)"}
 
 
 def _filter_options(command):
@@ -200,13 +201,11 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     """Sizes of the store, recent decisions and sessions, greylisting delays.
 
     Triplets, auto-whitelist and whitelist sizes; the decisions and sessions
-    (over TLS, in plaintext) of about the last hour and day; and what
-    greylisting cost the mail that passed.
+    (over TLS, in plaintext) of the last hour and day; and what greylisting
+    cost the mail that passed.
 
-    Decisions are counted per clock hour, so the columns start on the hour
-    and say when: the "hour" column is this clock hour and the one before
-    (at 10:20, since 09:00), the "day" column this clock hour and the 24
-    before. An action with one reason of its own name (relay-denied) is
+    Decisions are counted per minute: "last hour" is the last 60 minutes,
+    "last day" the last 24 hours (from the minute they began). An action with one reason of its own name (relay-denied) is
     not broken down. Whitelist sizes count live entries; expired ones,
     which cleanup removes, are counted apart. The greylisting delay of a
     triplet is from its first try to the retry that passed; median, 90th
@@ -246,8 +245,7 @@ def _print_stats(report: dict) -> None:
     click.echo(f"whitelist:       {kinds}; {wl['expired']} expired (cleanup removes them)")
     hour, day = report["decisions"]["hour"], report["decisions"]["day"]
     click.echo("")
-    rows = [["decisions", time.strftime("since %H:%M", time.localtime(hour["since"])),
-             time.strftime("since %a %H:%M", time.localtime(day["since"]))]]
+    rows = [["decisions", "last hour", "last day"]]
     for action in dict.fromkeys([*hour["actions"], *day["actions"]]):
         label = ACTION_LABELS.get(action, action)
         rows.append([f"  {label}", hour["actions"].get(action, 0),
@@ -265,7 +263,7 @@ def _print_stats(report: dict) -> None:
         rows.append([f"  {'over TLS' if kind == 'tls' else kind}", hour[kind], day[kind]])
     for name, *counts in rows:
         click.echo(f"{name:<28} {counts[0]:>15} {counts[1]:>15}".rstrip())
-    click.echo("(counted per clock hour, so each column starts on the hour)")
+    click.echo("(counted per minute: the last 60 minutes, the last 24 hours)")
     click.echo("")
     _print_delay(report["greylist_delay"], report["held_longest"])
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from . import idn, policy
-from .storage import SESSION, SESSION_KINDS
+from .storage import COUNTER_KEEP, COUNTER_MINUTES, SESSION, SESSION_KINDS
 from .store import transaction
 from .whitelist import KINDS as WHITELIST_KINDS
 
@@ -32,7 +32,7 @@ REST = 2.0             # after each write transaction the lock stays free this m
 MAX_PAUSE = 0.5        # seconds: the longest rest between two write transactions
 LARGE_STORE = 50_000    # triplets from which cleanup shows a progress bar on a terminal
 ACTIONS = (policy.GREYLIST, policy.ACCEPT, policy.REJECT)  # always reported, even at 0
-CLEANUP_KINDS = ("pending_triplets", "passed_triplets", "auto_whitelist", "whitelist")
+CLEANUP_KINDS = ("pending_triplets", "passed_triplets", "auto_whitelist", "whitelist", "counters")
 DELAY_WINDOWS = {"day": 86400, "week": 7 * 86400}   # greylisting delay, by passed_at
 HELD_LONGEST = 5        # sender domains `stats` shows as the ones held longest
 
@@ -186,18 +186,22 @@ def cleanup(conn: sqlite3.Connection, *, retry_window: int, max_age: int, now: f
     A pending triplet whose first try is older than retry_window could only
     start over; a passed triplet or an auto-whitelisted network unseen for
     max_age is forgotten (the daemon's decision treats both as new already);
-    a whitelist entry whose `expires` is past no longer matches.
+    a whitelist entry whose `expires` is past no longer matches; decision
+    counters older than COUNTER_KEEP are past what stats shows.
     """
     params = {"pending_before": int(now) - retry_window,
-              "unseen_since": int(now) - max_age, "now": int(now)}
+              "unseen_since": int(now) - max_age, "now": int(now),
+              "counted_before": int(now) - COUNTER_KEEP}
     triplets = {
         "pending_triplets": "passed_at IS NULL AND first_seen < :pending_before",
         "passed_triplets": "passed_at IS NOT NULL AND last_seen < :unseen_since",
     }
     auto = {"auto_whitelist": "last_seen < :unseen_since"}
     whitelist = {"whitelist": "expires IS NOT NULL AND expires <= :now"}
+    counters = {"counters": "hour < :counted_before"}
     sweeps = [("triplets", TRIPLET_KEY, triplets), ("auto_whitelist", ("network",), auto),
-              ("whitelist", ("kind", "value"), whitelist)]
+              ("whitelist", ("kind", "value"), whitelist),
+              ("counters", ("hour", "action", "reason"), counters)]
     removed: dict[str, int] = {}
     for table, key, kinds in sweeps:
         if dry_run:
@@ -300,20 +304,23 @@ def stats(conn: sqlite3.Connection, *, auto_whitelist_after: int, max_age: int,
         whitelist[kind] = count
     whitelist["expired"] = _count(conn, "whitelist", "expires IS NOT NULL AND expires <= :now",
                                   {"now": now})
-    this_hour = now - now % 3600
+    hour_ago, day_ago = _minute(now - 3600), _minute(now - 86400)
     return {
         "triplets": {"pending": pending, "passed": passed, "total": pending + passed},
         "auto_whitelist": {"whitelisted": whitelisted if auto_whitelist_after > 0 else 0,
                            "tracked": tracked, "after": auto_whitelist_after},
         "whitelist": whitelist,
-        "decisions": {"hour": decisions(conn, this_hour - 3600),
-                      "day": decisions(conn, this_hour - 24 * 3600)},
-        "sessions": {"hour": sessions(conn, this_hour - 3600),
-                     "day": sessions(conn, this_hour - 24 * 3600)},
+        "decisions": {"hour": decisions(conn, hour_ago), "day": decisions(conn, day_ago)},
+        "sessions": {"hour": sessions(conn, hour_ago), "day": sessions(conn, day_ago)},
         "greylist_delay": {name: greylist_delay(conn, now - seconds, now)
                            for name, seconds in DELAY_WINDOWS.items()},
         "held_longest": held_longest(conn, now - DELAY_WINDOWS["week"], now),
     }
+
+
+def _minute(t: int) -> int:
+    """The start of the counters' minute that holds `t`."""
+    return t - t % COUNTER_MINUTES
 
 
 def sessions(conn: sqlite3.Connection, since: int) -> dict:

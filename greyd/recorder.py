@@ -34,7 +34,7 @@ import weakref
 from typing import Callable, Sequence
 
 from .policy import ACCEPT, Keys, Verdict
-from .storage import Decision, Sessions, StoreError, StoreHealth
+from .storage import COUNTER_MINUTES, Decision, Sessions, StoreError, StoreHealth
 
 GATHER = 0.02          # seconds the writer lets a lot gather once something is queued
 WAIT_LIMIT = 20.0       # seconds a session waits for a commit at most (4 busy timeouts)
@@ -89,7 +89,7 @@ class Recorder:
 
     def count_session(self, kind: str, now: float) -> None:
         """Count one ended session of `kind` (tls, plaintext) with the next commit."""
-        key = (int(now) - int(now) % 3600, kind)
+        key = (int(now) - int(now) % COUNTER_MINUTES, kind)
         with self._lock:
             sessions = self._sessions
             sessions[key] = sessions.get(key, 0) + 1

@@ -34,6 +34,9 @@ class Decision(NamedTuple):
     max_age: int
 
 
+COUNTER_MINUTES = 60                 # seconds: counters are kept per minute (the `hour` column
+                                     # holds the minute's start), so stats' "last hour" is 60 minutes
+COUNTER_KEEP = 8 * 86400             # ... and kept 8 days: stats shows a day (cleanup prunes)
 SESSION = "session"                  # the counters' action for ended sessions
 SESSION_KINDS = ("tls", "plaintext")  # ... and their reasons
 Sessions = Mapping[tuple[int, str], int]   # (hour, kind): sessions that ended

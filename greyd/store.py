@@ -24,7 +24,7 @@ import sqlite_utils
 
 from . import policy
 from .policy import AutoEntry, Seen, Triplet, Verdict
-from .storage import SESSION, Decision, Sessions
+from .storage import COUNTER_MINUTES, SESSION, Decision, Sessions
 from .whitelist import KINDS as WHITELIST_KINDS, Entry, Whitelist
 
 BUSY_TIMEOUT = 5.0          # seconds a writer waits for another (cron, CLI)
@@ -34,9 +34,8 @@ AUTO_COUNT_INTERVAL = 3600  # a network earns at most one pass per hour
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
-    # WITHOUT ROWID keeps a triplet to its key and three numbers. first_seen
-    # holds the first attempt's time with its fraction (a REAL in an INTEGER
-    # column, as SQLite's affinity allows); the others are whole seconds.
+    # WITHOUT ROWID keeps a triplet to its key and three numbers; first_seen keeps
+    # its fraction (a REAL in an INTEGER column, as SQLite allows), the rest whole seconds.
     db.execute("""
         CREATE TABLE triplets (
             network TEXT NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
@@ -188,7 +187,8 @@ class Store:
             fresh: list[tuple] = []
             for verdict, clock, max_age in decisions:
                 now = int(clock)
-                counts[now - now % 3600, verdict.action, counter_reason(verdict.reason)] += 1
+                minute = now - now % COUNTER_MINUTES
+                counts[minute, verdict.action, counter_reason(verdict.reason)] += 1
                 if verdict.update in (policy.NEW, policy.RESTART):
                     # With its fraction: a retry waits the whole delay (policy.judge).
                     t = verdict.triplet

@@ -290,6 +290,7 @@ CLEANUP_LINES = [
     "{verb} 3 passed triplets (unseen for max_age)",
     "{verb} 2 auto-whitelisted networks (unseen for max_age)",
     "{verb} 1 expired whitelist entries",
+    "{verb} 0 decision counters (older than eight days)",
 ]
 
 
@@ -398,7 +399,7 @@ def test_cleanup_commits_in_batches(tmp_path):
         removed = maintenance.cleanup(store.conn, retry_window=RETRY_WINDOW, max_age=MAX_AGE,
                                       now=now, batch_size=1000, progress=progress)
     assert removed == {"pending_triplets": 20_000, "passed_triplets": 0,
-                       "auto_whitelist": 0, "whitelist": 0}
+                       "auto_whitelist": 0, "whitelist": 0, "counters": 0}
     chunks = [entry for entry in seen if entry[0] == "triplets"]
     assert len(chunks) == 21 and sum(walked for _, walked, _, _ in chunks) == 20_500
     assert max(walked for _, walked, _, _ in chunks) == 1000
@@ -587,7 +588,7 @@ def test_stats_counts_decisions_triplets_and_whitelists(tmp_path, upstream):
     assert hour["reasons"] == {"greylist": {"new": 1, "too-early": 1},
                                "accept": {"known": 1, "passed": 1, "whitelist": 1},
                                "reject": {"relay-denied": 1}}
-    assert hour["total"] == 6 and hour["since"] == this_hour - HOUR
+    assert hour["total"] == 6 and now - HOUR - 60 < hour["since"] <= now - HOUR
     assert day["actions"] == {"greylist": 9, "accept": 3, "reject": 1} and day["total"] == 13
     assert day["reasons"]["greylist"] == {"new": 8, "too-early": 1}
     assert report["triplets"] == {"pending": 2, "passed": 2, "total": 4}
@@ -609,35 +610,51 @@ def test_stats_counts_decisions_triplets_and_whitelists(tmp_path, upstream):
         assert re.search(rf"^ +{label} +{in_hour} +{in_day}$", out, re.M), label
 
 
-def test_stats_shows_each_count_once_and_since_when_each_column_counts(tmp_path):
+def test_stats_shows_each_count_once_over_the_last_60_minutes_and_24_hours(tmp_path):
+    """Counters are per minute: "last hour" is the last 60 minutes, not up to
+    two clock hours; relay-denied, its own only reason, is shown once."""
     config = make_config(tmp_path)
     now = int(time.time())
-    this_hour = now - now % HOUR
+    minute = now - now % 60
     with open_db(tmp_path) as store:
         store.conn.executemany("INSERT INTO counters VALUES (?, ?, ?, ?)", [
-            (this_hour, "reject", "relay-denied", 2),
-            (this_hour - HOUR, "reject", "relay-denied", 3),        # the hour column's start
-            (this_hour - 2 * HOUR, "reject", "relay-denied", 5),    # the day's only
-            (this_hour - 24 * HOUR, "greylist", "new", 7)])         # the day column's start
+            (minute, "reject", "relay-denied", 2),
+            (minute - 59 * 60, "reject", "relay-denied", 3),        # within the hour
+            (minute - 61 * 60, "reject", "relay-denied", 5),        # the day's only
+            (minute - 23 * HOUR, "greylist", "new", 7),             # the day's only
+            (minute - 25 * HOUR, "greylist", "new", 11)])           # in neither
         store.conn.commit()
     report = json.loads(greyd("stats", "--json", config=config).stdout)
     hour, day = report["decisions"]["hour"], report["decisions"]["day"]
-    assert (hour["since"], day["since"]) == (this_hour - HOUR, this_hour - DAY)
+    assert now - HOUR - 60 < hour["since"] <= now - HOUR
+    assert now - DAY - 60 < day["since"] <= now - DAY
     assert hour["actions"]["reject"] == 5 and day["actions"]["reject"] == 10
     assert day["reasons"]["reject"] == {"relay-denied": 10}     # JSON keeps the breakdown
 
     human = greyd("stats", config=config)
     assert human.returncode == 0, human.stderr
     out = human.stdout
-    starts = (time.strftime("%H:%M", time.localtime(this_hour - HOUR)),
-              time.strftime("%a %H:%M", time.localtime(this_hour - DAY)))
-    assert re.search(rf"^decisions +since {starts[0]} +since {starts[1]}$", out, re.M), out
+    assert re.search(r"^decisions +last hour +last day$", out, re.M), out
     assert re.findall(r"^ +relay-denied .*$", out, re.M) == [
         f"  relay-denied{5:>30}{10:>16}"]                           # once, not again as reason
     assert re.search(r"^  deferred +0 +7$", out, re.M) and re.search(r"^    new +0 +7$", out, re.M)
     assert re.search(r"^  total +5 +17$", out, re.M)
-    assert "(counted per clock hour, so each column starts on the hour)" in out
-    assert "last hour" not in out
+    assert "(counted per minute: the last 60 minutes, the last 24 hours)" in out
+
+
+def test_cleanup_prunes_counters_older_than_eight_days(tmp_path):
+    config = make_config(tmp_path)
+    now = int(time.time())
+    with open_db(tmp_path) as store:
+        store.conn.executemany("INSERT INTO counters VALUES (?, ?, ?, ?)", [
+            (now - now % 60, "greylist", "new", 1), (now - 7 * DAY, "greylist", "new", 1),
+            (now - 9 * DAY, "greylist", "new", 1), (now - 30 * DAY, "accept", "known", 1)])
+        store.conn.commit()
+    result = greyd("cleanup", config=config)
+    assert result.returncode == 0, result.stderr
+    assert "removed 2 decision counters (older than eight days)" in result.stdout
+    with open_db(tmp_path) as store:
+        assert store.conn.execute("SELECT count(*) FROM counters").fetchone() == (2,)
 
 
 # -- stats: what greylisting cost the mail that passed ------------------------------------------

@@ -30,7 +30,7 @@ from greyd.store import SCHEMA_VERSION, Store, counter_reason
 pytestmark = pytest.mark.timeout(30)
 
 T = 1_700_000_000                 # 22:13:20 UTC; its hour starts at T - 800
-HOUR_OF_T = T - T % 3600
+MINUTE_OF_T = T - T % 60       # counters are per minute
 HOUR, DAY = 3600, 86400
 MAX_AGE = 35 * DAY                # greylist.max_age by default
 NET = "198.51.100.0/24"
@@ -166,7 +166,7 @@ def test_record_new_creates_the_triplet_and_counts(store):
     remember(store, verdict(policy.NEW), T)
     assert triplet_row(store) == (T, T, None)
     assert store.seen(TRIPLET) == Seen(first=T, last=T, passed=None)
-    assert counters(store) == {(HOUR_OF_T, GREYLIST, "new"): 1}
+    assert counters(store) == {(MINUTE_OF_T, GREYLIST, "new"): 1}
 
 
 def test_record_early_updates_last_seen_only(store):
@@ -219,20 +219,21 @@ def test_record_auto_refreshes_the_network(store):
     assert store.conn.execute("SELECT count(*) FROM triplets").fetchone()[0] == 1
 
 
-def test_counters_per_hour_action_and_reason(store):
+def test_counters_per_minute_action_and_reason(store):
+    assert T - MINUTE_OF_T == 20                   # so T + 39 is still T's minute
     remember(store, verdict(policy.NEW), T)
     remember(store, verdict(policy.NEW, triplet=Triplet(NET, "x@y", "z@localhost")), T + 10)
     remember(store, Verdict(REJECT, "relay-denied", NET), T + 20)
-    remember(store, Verdict(ACCEPT, "whitelist:192.0.2.1", NET), T + 30)
-    remember(store, Verdict(ACCEPT, "whitelist:@sender.example", NET), T + 40)
-    remember(store, Verdict(ACCEPT, "dnswl:list.dnswl.example", NET), T + 50)
+    remember(store, Verdict(ACCEPT, "whitelist:192.0.2.1", NET), T + 25)
+    remember(store, Verdict(ACCEPT, "whitelist:@sender.example", NET), T + 30)
+    remember(store, Verdict(ACCEPT, "dnswl:list.dnswl.example", NET), T + 39)
     remember(store, Verdict(REJECT, "relay-denied", NET), T + HOUR)
     assert counters(store) == {
-        (HOUR_OF_T, GREYLIST, "new"): 2,
-        (HOUR_OF_T, REJECT, "relay-denied"): 1,
-        (HOUR_OF_T, ACCEPT, "whitelist"): 2,
-        (HOUR_OF_T, ACCEPT, "dnswl:list.dnswl.example"): 1,
-        (HOUR_OF_T + HOUR, REJECT, "relay-denied"): 1,
+        (MINUTE_OF_T, GREYLIST, "new"): 2,
+        (MINUTE_OF_T, REJECT, "relay-denied"): 1,
+        (MINUTE_OF_T, ACCEPT, "whitelist"): 2,
+        (MINUTE_OF_T, ACCEPT, "dnswl:list.dnswl.example"): 1,
+        (MINUTE_OF_T + HOUR, REJECT, "relay-denied"): 1,
     }
 
 
@@ -426,7 +427,7 @@ def test_record_waits_for_another_writer(store, database):
         other.close()
     assert waited > 0.1
     assert store.seen(TRIPLET) == Seen(T, T, None)
-    assert counters(store) == {(HOUR_OF_T, GREYLIST, "new"): 1}
+    assert counters(store) == {(MINUTE_OF_T, GREYLIST, "new"): 1}
 
 
 # -- injection ------------------------------------------------------------------------
@@ -760,7 +761,7 @@ def test_the_writer_commits_concurrent_sessions_together(pool):
     recorder.flush()
     with lease(pool) as facts:
         assert len(table(facts.store, "triplets")) == 500
-        assert counters(facts.store) == {(HOUR_OF_T, GREYLIST, "new"): 500}
+        assert counters(facts.store) == {(MINUTE_OF_T, GREYLIST, "new"): 500}
     assert counted.commits < 500          # some sessions' verdicts shared a transaction
 
 
