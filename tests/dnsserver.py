@@ -2,5 +2,7 @@
 (the benchmark must not import from tests/). This is a helper module, not a test module.
 """
 
-from bench.dnsserver import (MALFORMED, NORMAL, NXDOMAIN, SERVFAIL, SOA,  # noqa: F401
-                             TIMEOUT, DnsServer)
+from bench.dnsserver import (MALFORMED, NORMAL, NXDOMAIN, SERVFAIL, SOA, TIMEOUT,
+                             DnsServer)
+
+__all__ = ["MALFORMED", "NORMAL", "NXDOMAIN", "SERVFAIL", "SOA", "TIMEOUT", "DnsServer"]

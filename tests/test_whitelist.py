@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 from greyd import whitelist
 from greyd.policy import Request
-from greyd.store import Store
 from greyd.whitelist import Entry, Whitelist
 from greyd.clitools import when
 from greyd.store import Store
