@@ -160,7 +160,11 @@ def test_a_dry_run_changes_nothing(tmp_path, installed):
 
 @pytest.mark.skipif(not ROOT, reason="needs root to run greyd as another user")
 def test_without_root_setup_is_refused_in_one_line(tmp_path):
+    # As nobody, but able to read and run the venv wherever the checkout is
+    # (a fresh clone under a 0700 directory, on CI).
+    readable = "+dac_override,+dac_read_search"
     result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             f"--inh-caps={readable}", f"--ambient-caps={readable}",
                              GREYD, "setup"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr == "greyd: setup needs root (or --root DIR, or --dry-run)\n"
