@@ -173,7 +173,11 @@ def test_without_root_setup_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
 def test_the_installed_unit_verifies_and_is_hardened(installed):
+    """The unit setup installs from etc/greyd.service (the template itself is
+    never run), checked by systemd."""
     unit = installed / "etc/systemd/system/greyd.service"
+    text = unit.read_text()
+    assert "start --foreground" in text and "Restart=on-failure" in text
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)],
                             capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stderr
