@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+POSTGRESQL = ["psycopg[binary]>=3.1", "psycopg-pool>=3.2"]
+
 setup(
     name="greyd",
     version="0.1.0",
@@ -17,9 +19,13 @@ setup(
         "idna>=3.7",
         "pyspf>=2.0.14",            # SPF (RFC 7208) for SPF-keyed triplets
         "publicsuffixlist>=1.0",    # registered domains for the "name" client key
+        "prometheus_client>=0.17",  # [metrics]: the Prometheus text format at /metrics
     ],
     extras_require={
+        # [database] url: several greyd hosts share one greylist in PostgreSQL.
+        "postgresql": POSTGRESQL,
         "test": [
+            *POSTGRESQL,
             "pytest>=7",
             "pytest-timeout>=2.1",
             "aiosmtpd>=1.4",
