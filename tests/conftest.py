@@ -269,3 +269,38 @@ def start_greyd(tmp_path, clock):
 @pytest.fixture
 def greyd(start_greyd, upstream) -> Greyd:
     return start_greyd(upstream.port)
+
+
+# -- PostgreSQL: one throwaway server for the run, a fresh database per test ------------------
+
+import itertools  # noqa: E402  (this section's own imports, kept with it)
+import os  # noqa: E402
+
+from pgserver import PgServer, binaries  # noqa: E402
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """One PostgreSQL server on 127.0.0.1 for the whole run (tests/pgserver.py),
+    stopped and removed at the end. Without the binaries the test is skipped,
+    except in CI (the env var CI set), where .ci/run installs them: there it fails."""
+    if binaries() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL binaries not found, yet CI is set: "
+                        ".ci/run installs Debian's postgresql", pytrace=False)
+        pytest.skip("PostgreSQL binaries not found (Debian package postgresql); "
+                    "the PostgreSQL tests need them")
+    with PgServer(tmp_path_factory.mktemp("pg")) as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The URL (with the password) of a new empty database of this test's own,
+    dropped at the end with whatever sessions the test left open."""
+    name = f"t_{next(_databases)}"
+    url = pg_server.create_database(name)
+    yield url
+    pg_server.drop_database(name)
