@@ -135,7 +135,8 @@ def _open_greylister(config: configuration.Config) -> Greylister:
     try:
         greylister = Greylister.open(config)
     except StoreError as error:
-        raise GreydError(f"database not writable: {config.database.path}: {error}") from None
+        what = "database" if config.database.url else "database not writable"
+        raise GreydError(f"{what}: {config.database.where}: {error}") from None
     greylister.close()        # the store reopens lazily, after the fork and the privilege drop
     return greylister
 
@@ -143,8 +144,9 @@ def _open_greylister(config: configuration.Config) -> Greylister:
 def _owned_paths(config: configuration.Config) -> list[Path]:
     """What the unprivileged daemon must still be able to write."""
     db = config.database.path
-    paths = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), db.parent,
-             config.server.pidfile, config.server.pidfile.parent, state_path(config)]
+    paths = [config.server.pidfile, config.server.pidfile.parent, state_path(config)]
+    if not config.database.url:
+        paths += [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), db.parent]
     for logfile in (config.log.file, config.log.debug_file):
         if logfile:
             paths += [logfile, logfile.parent]
@@ -154,7 +156,7 @@ def _owned_paths(config: configuration.Config) -> list[Path]:
 def _write_state(config: configuration.Config, daemon: Daemon) -> None:
     state = {"started": time.time(), "config": str(config.source or ""),
              "listen": [values.format_hostport(*a) for a in daemon.addresses],
-             "database": str(config.database.path)}
+             "database": config.database.where}
     state_path(config).write_text(json.dumps(state) + "\n")
 
 

@@ -7,7 +7,6 @@ and prints: a table or block for people, one JSON document with --json.
 from __future__ import annotations
 
 import sys
-import time
 
 import click
 
@@ -157,13 +156,18 @@ def cleanup(ctx: click.Context, dry_run: bool, quiet: bool) -> None:
     config = load_config(ctx)
     greylist = config.greylist
     with open_store(config, create=False) as store:
+        if not dry_run and not store.lock_cleanup():
+            if not quiet:
+                click.echo("another cleanup is running on this store (another host's cron?);"
+                           " nothing done")
+            return
         total = 0
         if not (quiet or dry_run) and sys.stdout.isatty():
             total = maintenance.count_triplets(store.conn)
         with _progressbar(total) as progress:
             removed = maintenance.cleanup(
                 store.conn, retry_window=greylist.retry_window, max_age=greylist.max_age,
-                now=time.time(), dry_run=dry_run, progress=progress)
+                now=store.now(), dry_run=dry_run, progress=progress)
     if quiet:
         return
     verb = "would remove" if dry_run else "removed"
@@ -223,8 +227,8 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     greylist = config.greylist
     with open_store(config, write=False) as store:
         report = maintenance.stats(store.conn, auto_whitelist_after=greylist.auto_whitelist_after,
-                                   max_age=greylist.max_age, now=time.time())
-    report = {"database": str(config.database.path), **report}
+                                   max_age=greylist.max_age, now=store.now())
+    report = {"database": config.database.where, **report}
     if as_json:
         echo_json(report)
         return

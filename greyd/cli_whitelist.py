@@ -8,7 +8,6 @@ whitelist version moves), so nothing needs a restart or a reload.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -121,8 +120,7 @@ def add(ctx: click.Context, comment: str | None, expires: str | None, permanent:
     kind, value = _selected(selectors)
     if comment is not None:
         comment = _comment(comment)
-    now = time.time()
-    until = None
+    seconds = None
     if expires is not None:
         try:
             seconds = values.parse_duration(expires, "--expires")
@@ -130,8 +128,9 @@ def add(ctx: click.Context, comment: str | None, expires: str | None, permanent:
             raise GreydError(str(error)) from None
         if seconds <= 0:
             raise GreydError(f"--expires: must be more than 0 seconds, got {expires!r}")
-        until = int(now) + seconds
     with open_store(load_config(ctx)) as store:
+        now = store.now()
+        until = None if seconds is None else int(now) + seconds
         before = _stored(store, kind, value)
         store.add_whitelist(kind, value, comment=comment, expires=until, now=now,
                             keep_expiry=expires is None and not permanent)
@@ -216,9 +215,9 @@ def list_(ctx: click.Context, kind: str | None, as_json: bool) -> None:
       greyd whitelist list --kind client
       greyd whitelist list --json | jq -r '.[] | select(.expired) | .value'
     """
-    now = int(time.time())
     with open_store(load_config(ctx), write=False) as store:
         rows = store.whitelist_entries(kind)
+        now = int(store.now())
     for row in rows:
         row["expired"] = row["expires"] is not None and row["expires"] <= now
     if as_json:
@@ -275,7 +274,7 @@ def import_(ctx: click.Context, file: str, kind: str, comment: str | None,
     good = [line for line in parsed if line.reason is None]
     with open_store(load_config(ctx)) as store:
         added = store.import_whitelist(((line.kind, line.value) for line in good),
-                                       comment, time.time())
+                                       comment, store.now())
     report = _import_report(file, parsed, dict(zip((line.number for line in good), added)))
     if as_json:
         echo_json(report)

@@ -19,9 +19,9 @@ from typing import Iterator
 import click
 
 from . import config as configuration, tls
-from .greylist import Greylister
-from .pool import StorePool
+from .greylist import Greylister, backend_for
 from .storage import StoreError
+from .queries import Queries
 from .store import Store
 from .tls import Certificate
 from .values import ConfigError
@@ -74,51 +74,76 @@ def missing_database(path: Path) -> GreydError:
 
 @contextmanager
 def open_store(config: configuration.Config, *, write: bool = True,
-               create: bool | None = None) -> Iterator[Store]:
-    """The database, migrated, for a command; sqlite errors become one line.
+               create: bool | None = None) -> Iterator[Queries]:
+    """The store, migrated, for a command: a SQLite Store, or a PgStore when
+    database.url is set. Database errors become one line.
 
-    A database that does not exist is created only when `create` (by default:
-    for a command that writes), saying so on a terminal; otherwise the
-    command is refused (missing_database), never shown an empty store.
+    A store that does not exist (no file; no greyd tables in the database)
+    is created only when `create` (by default: for a command that writes),
+    saying so on a terminal; otherwise the command is refused
+    (missing_database), never shown an empty store.
     """
-    path = config.database.path
     create = write if create is None else create
+    database = config.database
+    opener = _open_postgresql if database.url else _open_sqlite
+    try:
+        store = opener(database, create)
+    except database_errors() + (OSError,) as error:
+        raise GreydError(f"database: {database.where}: {describe(error)}") from None
+    try:
+        if write:
+            store.migrate()
+        yield store
+    except database_errors() as error:
+        raise GreydError(f"database: {database.where}: {describe(error)}") from None
+    finally:
+        store.close()
+
+
+def _open_sqlite(database, create: bool) -> Store:
+    path = database.path
     if not path.exists():
         if not create:
             raise missing_database(path)
         if sys.stderr.isatty():
             click.echo(f"greyd: creating the database {path}", err=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return Store(path)
+
+
+def _open_postgresql(database, create: bool) -> Queries:
     try:
-        if write:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        store = Store(path)
-        if write:
-            store.migrate()
-    except (sqlite3.Error, OSError) as error:
-        raise GreydError(f"database: {path}: {describe(error)}") from None
-    try:
-        yield store
-    except sqlite3.Error as error:
-        raise GreydError(f"database: {path}: {error}") from None
-    finally:
+        from .postgres import PgStore
+    except ImportError:
+        raise GreydError("database.url needs psycopg: pip install 'greyd[postgresql]'") from None
+    store = PgStore.open(database.url, timeout=database.timeout)
+    if not create and store.schema_version() == 0:
         store.close()
+        raise GreydError(f"no greyd tables in the database {database.where}; is greyd"
+                         " configured here? (greyd start creates them; -c names another config)")
+    return store
 
 
 @contextmanager
 def open_greylister(config: configuration.Config) -> Iterator[Greylister]:
     """The daemon's greylister over the configured store, for reading
-    (`greyd explain`); a database that does not exist is refused, not
-    created. Store errors become one line."""
-    path = config.database.path
-    if not path.exists():
-        raise missing_database(path)
-    backend = StorePool(path)
+    (`greyd explain`), on the store's time base; a store that does not
+    exist is refused, not created. Store errors become one line."""
+    with open_store(config, write=False):
+        pass                     # refuses a missing store, with the command's words
+    backend = backend_for(config)
     try:
-        yield Greylister(config, backend)
+        yield Greylister(config, backend, clock=backend.time_base(time.time))
     except StoreError as error:
-        raise GreydError(f"database: {path}: {error}") from None
+        raise GreydError(f"database: {config.database.where}: {error}") from None
     finally:
         backend.close()
+
+
+def database_errors() -> tuple[type[BaseException], ...]:
+    """What a database driver raises: sqlite3's errors, and psycopg's once loaded."""
+    psycopg = sys.modules.get("psycopg")
+    return (sqlite3.Error, psycopg.Error) if psycopg else (sqlite3.Error,)
 
 
 def describe(error: BaseException) -> str:
@@ -127,7 +152,7 @@ def describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         where = f"{error.filename}: " if error.filename else ""
         return where + error.strerror
-    return str(error)
+    return " ".join(str(error).split())
 
 
 def when(timestamp: int | None, *, zone: bool = True) -> str:

@@ -136,7 +136,17 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class DatabaseConfig:
+    """SQLite at `path` (the default), or PostgreSQL when `url` is set."""
+
     path: Path = _key(Path("var/greyd.db"), values.path(optional=False))
+    url: str = _key("", values.database_url)
+    timeout: float = _key(2, _TIMEOUT)   # bound on one store operation in a session
+
+    @property
+    def where(self) -> str:
+        """The store as greyd names it to people: the file, or the URL without
+        its password."""
+        return values.redact_url(self.url) if self.url else str(self.path)
 
 
 @dataclass(frozen=True)
@@ -157,11 +167,14 @@ class Config:
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """The effective settings as {section: {key: value}}, JSON-serialisable.
 
-        Written back as TOML, the result loads to the same settings.
+        Written back as TOML, the result loads to the same settings, but for
+        a password in database.url, which is never shown.
         """
-        return {name: {f.name: _plain(getattr(getattr(self, name), f.name))
-                       for f in dataclasses.fields(section)}
-                for name, section in _SECTIONS.items()}
+        settings = {name: {f.name: _plain(getattr(getattr(self, name), f.name))
+                           for f in dataclasses.fields(section)}
+                    for name, section in _SECTIONS.items()}
+        settings["database"]["url"] = values.redact_url(self.database.url)  # never shown
+        return settings
 
 
 _SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)
@@ -191,6 +204,10 @@ def _build(data: Mapping[str, Any]) -> Config:
             settings[key] = checks[key](value, dotted)
         sections[name] = _SECTIONS[name](**settings)
     config = Config(**sections)
+    database = data.get("database", {})
+    if "path" in database and database.get("url"):
+        raise ConfigError("database.url: set either database.path (SQLite) or database.url"
+                          " (PostgreSQL), not both")
     greylist = config.greylist
     if greylist.delay >= greylist.retry_window:
         raise ConfigError("greylist.delay: must be shorter than greylist.retry_window")

@@ -19,7 +19,7 @@ from . import log, policy
 from .pool import StorePool
 from .recorder import Recorder
 from .spfcheck import SpfResult
-from .storage import Backend, Decision, StoreError, StoreHealth
+from .storage import Backend, Decision, StoreError, StoreHealth, StoreUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,16 @@ class Explanation(NamedTuple):
 
 
 def backend_for(config) -> Backend:
-    """The store the config names ([database])."""
-    return StorePool(config.database.path)
+    """The store the config names ([database]): PostgreSQL when `url` is
+    set (psycopg, the "postgresql" extra), else the SQLite file at `path`."""
+    database = config.database
+    if not database.url:
+        return StorePool(database.path)
+    try:
+        from .pgpool import PgBackend
+    except ImportError:
+        raise StoreError("database.url needs psycopg: pip install 'greyd[postgresql]'") from None
+    return PgBackend(database.url, database.timeout)
 
 
 class Greylister:
@@ -53,12 +61,22 @@ class Greylister:
         self.recorder = recorder or Recorder(backend.record, self.health)
 
     @classmethod
-    def open(cls, config, *, clock: Callable[[], float] = time.time) -> "Greylister":
+    def open(cls, config, *, clock: Callable[[], float] | None = None) -> "Greylister":
         """A greylister over the store the config names, created or migrated
-        and checked writable now (StoreError when it cannot be)."""
+        and checked writable now (StoreError when it cannot be). A database
+        server that does not answer yet is a store failure, logged, not an
+        error: greyd serves per on_store_error until it answers. By default
+        the clock is the store's time base (`Backend.time_base`)."""
         backend = backend_for(config)
-        backend.open()
-        return cls(config, backend, clock=clock)
+        try:
+            backend.open()
+            unreachable = None
+        except StoreUnreachable as error:
+            unreachable = error
+        greylister = cls(config, backend, clock=clock or backend.time_base(time.time))
+        if unreachable is not None:
+            greylister.health.failed(unreachable)
+        return greylister
 
     def reconfigured(self, config) -> "Greylister":
         """The greylister for new sessions after a reload: the same store,
@@ -66,7 +84,9 @@ class Greylister:
         if config.database == self.config.database:
             return Greylister(config, self.backend, clock=self.clock,
                               recorder=self.recorder, health=self.health)
-        return Greylister(config, backend_for(config), clock=self.clock)
+        backend = backend_for(config)
+        local = getattr(self.clock, "local", self.clock)    # under a store's time base
+        return Greylister(config, backend, clock=backend.time_base(local))
 
     def count_session(self, tls: bool) -> None:
         """Count an ended session, over TLS or not, for `greyd stats` (by the

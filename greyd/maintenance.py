@@ -1,8 +1,10 @@
 """The operator's work on the store: triplets listed and deleted, cleanup, stats.
 
 Owns the SQL of `greyd triplets`, `greyd cleanup` and `greyd stats`, run on a
-`Store`'s connection; store.py keeps the schema and the daemon's queries. All
-SQL is parameterized (table and column names are constants of this module).
+store's connection: SQLite's (store.py) or PostgreSQL's (postgres.py), which
+take the same SQL; `_whole` is the one place the two differ. store.py and
+postgres.py keep the schemas, queries.py the daemon's queries. All SQL is
+parameterized (table and column names are constants of this module).
 Nothing here formats output or reads the config: the CLI (cli_maintenance.py)
 passes settings in and turns the results into tables and JSON.
 
@@ -17,14 +19,13 @@ are deleted by primary key in a transaction of their own.
 from __future__ import annotations
 
 import ipaddress
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from . import idn, policy
 from .storage import COUNTER_KEEP, COUNTER_MINUTES, SESSION, SESSION_KINDS
-from .store import transaction
+from .queries import transaction
 from .whitelist import KINDS as WHITELIST_KINDS
 
 BATCH_SIZE = 2000       # rows per chunk of a walk, so at most this many per write transaction
@@ -37,9 +38,6 @@ DELAY_WINDOWS = {"day": 86400, "week": 7 * 86400}   # greylisting delay, by pass
 HELD_LONGEST = 5        # sender domains `stats` shows as the ones held longest
 
 TRIPLET_KEY = ("network", "sender", "recipient")
-# first_seen keeps the fraction of the first attempt's second (policy.judge); listed whole.
-TRIPLET_COLUMNS = ("network, sender, recipient, CAST(first_seen AS INTEGER), last_seen,"
-                   " passed_at")
 
 # progress(table, rows walked in this chunk, rows removed so far in this table)
 Progress = Callable[[str, int, int], None]
@@ -60,7 +58,7 @@ class TripletFilter:
 
     @property
     def sql(self) -> str:
-        return " AND ".join(self.clauses) or "1"
+        return " AND ".join(self.clauses) or "1 = 1"
 
 
 def triplet_filter(*, state: str | None = None, client: str | None = None,
@@ -152,10 +150,12 @@ class TripletRow:
         return {**self.__dict__, "state": self.state}
 
 
-def list_triplets(conn: sqlite3.Connection, where: TripletFilter,
+def list_triplets(conn, where: TripletFilter,
                   limit: int = 0) -> tuple[list[TripletRow], bool]:
     """Matching triplets in key order, at most `limit` (0: all); and whether more match."""
-    sql = (f"SELECT {TRIPLET_COLUMNS} FROM triplets WHERE {where.sql}"
+    # first_seen keeps the fraction of the first attempt's second (policy.judge); listed whole.
+    columns = f"network, sender, recipient, {_whole(conn, 'first_seen')}, last_seen, passed_at"
+    sql = (f"SELECT {columns} FROM triplets WHERE {where.sql}"
            f" ORDER BY {', '.join(TRIPLET_KEY)}")
     params = dict(where.params)
     if limit:
@@ -166,7 +166,7 @@ def list_triplets(conn: sqlite3.Connection, where: TripletFilter,
     return rows[:limit] if limit else rows, more
 
 
-def delete_triplets(conn: sqlite3.Connection, where: TripletFilter, *, dry_run: bool = False,
+def delete_triplets(conn, where: TripletFilter, *, dry_run: bool = False,
                     batch_size: int = BATCH_SIZE, progress: Progress | None = None) -> int:
     """Delete the matching triplets in short batches; how many (would have) matched."""
     if dry_run:
@@ -178,7 +178,7 @@ def delete_triplets(conn: sqlite3.Connection, where: TripletFilter, *, dry_run: 
 
 # -- cleanup ---------------------------------------------------------------------------
 
-def cleanup(conn: sqlite3.Connection, *, retry_window: int, max_age: int, now: float,
+def cleanup(conn, *, retry_window: int, max_age: int, now: float,
             dry_run: bool = False, batch_size: int = BATCH_SIZE,
             progress: Progress | None = None) -> dict[str, int]:
     """Forget expired state; rows removed (or, with dry_run, to remove) per kind.
@@ -213,15 +213,15 @@ def cleanup(conn: sqlite3.Connection, *, retry_window: int, max_age: int, now: f
     return removed
 
 
-def count_triplets(conn: sqlite3.Connection) -> int:
+def count_triplets(conn) -> int:
     return conn.execute("SELECT count(*) FROM triplets").fetchone()[0]
 
 
-def _count(conn: sqlite3.Connection, table: str, condition: str, params: dict) -> int:
+def _count(conn, table: str, condition: str, params: dict) -> int:
     return conn.execute(f"SELECT count(*) FROM {table} WHERE {condition}", params).fetchone()[0]
 
 
-def _sweep(conn: sqlite3.Connection, table: str, key: tuple[str, ...], kinds: dict[str, str],
+def _sweep(conn, table: str, key: tuple[str, ...], kinds: dict[str, str],
            params: dict, *, batch_size: int, progress: Progress | None) -> dict[str, int]:
     """Walk `table` in key order, `batch_size` rows a chunk, deleting the rows each
     condition of `kinds` names; one short write transaction per chunk.
@@ -252,7 +252,7 @@ def _sweep(conn: sqlite3.Connection, table: str, key: tuple[str, ...], kinds: di
     return removed
 
 
-def _chunks(conn: sqlite3.Connection, table: str, key: tuple[str, ...], conditions: list[str],
+def _chunks(conn, table: str, key: tuple[str, ...], conditions: list[str],
             params: dict, batch_size: int) -> Iterator[list[tuple]]:
     """The rows of `table` in key order, `batch_size` at a time, each row its key
     and the index of the first condition it meets (-1: none).
@@ -276,13 +276,20 @@ def _chunks(conn: sqlite3.Connection, table: str, key: tuple[str, ...], conditio
                              {**params, "batch": batch_size, **_keys(chunk[-1][:-1])}).fetchall()
 
 
+def _whole(conn, expr: str) -> str:
+    """`expr`'s whole seconds, the fraction cut off (PostgreSQL's CAST rounds)."""
+    if getattr(conn, "dialect", "sqlite") == "postgresql":
+        return f"CAST(trunc({expr}) AS BIGINT)"
+    return f"CAST({expr} AS INTEGER)"
+
+
 def _keys(values) -> dict[str, object]:
     return {f"k{i}": value for i, value in enumerate(values)}
 
 
 # -- stats -------------------------------------------------------------------------
 
-def stats(conn: sqlite3.Connection, *, auto_whitelist_after: int, max_age: int,
+def stats(conn, *, auto_whitelist_after: int, max_age: int,
           now: float) -> dict:
     """Sizes of the store and the decisions counted over the last hour and day.
 
@@ -294,8 +301,8 @@ def stats(conn: sqlite3.Connection, *, auto_whitelist_after: int, max_age: int,
     pending, passed = conn.execute(
         "SELECT count(*) - count(passed_at), count(passed_at) FROM triplets").fetchone()
     tracked, whitelisted = conn.execute(
-        "SELECT count(*), coalesce(sum(count >= :after AND last_seen >= :unseen_since), 0)"
-        " FROM auto_whitelist",
+        "SELECT count(*), coalesce(sum(CASE WHEN count >= :after"
+        " AND last_seen >= :unseen_since THEN 1 ELSE 0 END), 0) FROM auto_whitelist",
         {"after": auto_whitelist_after, "unseen_since": now - max_age}).fetchone()
     whitelist = dict.fromkeys(WHITELIST_KINDS, 0)
     for kind, count in conn.execute(
@@ -323,7 +330,7 @@ def _minute(t: int) -> int:
     return t - t % COUNTER_MINUTES
 
 
-def sessions(conn: sqlite3.Connection, since: int) -> dict:
+def sessions(conn, since: int) -> dict:
     """Sessions ended from the hour `since` on, over TLS and in plaintext."""
     counts = dict.fromkeys(SESSION_KINDS, 0)
     for kind, count in conn.execute(
@@ -333,7 +340,7 @@ def sessions(conn: sqlite3.Connection, since: int) -> dict:
     return {"since": since, **counts}
 
 
-def decisions(conn: sqlite3.Connection, since: int) -> dict:
+def decisions(conn, since: int) -> dict:
     """Decisions counted from the hour `since` on: total, per action, per action and reason."""
     actions = dict.fromkeys(ACTIONS, 0)
     reasons: dict[str, dict[str, int]] = {action: {} for action in ACTIONS}
@@ -355,9 +362,9 @@ def decisions(conn: sqlite3.Connection, since: int) -> dict:
 _RANKED = """
     SELECT part, delay, row_number() OVER w AS rank,
            count(*) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS n
-    FROM (SELECT {partition} AS part, CAST(passed_at - first_seen AS INTEGER) AS delay
+    FROM (SELECT {partition} AS part, {delay} AS delay
           FROM triplets
-          WHERE passed_at > :since AND passed_at <= :now)
+          WHERE passed_at > :since AND passed_at <= :now) AS delays
     WINDOW w AS (PARTITION BY part ORDER BY delay)"""
 _NEAREST = "({p} * n + 99) / 100"
 # The sender's domain: what follows its last '@' (rtrim strips every trailing
@@ -365,12 +372,13 @@ _NEAREST = "({p} * n + 99) / 100"
 _DOMAIN = "substr(sender, length(rtrim(sender, replace(sender, '@', ''))) + 1)"
 
 
-def greylist_delay(conn: sqlite3.Connection, since: int, now: int) -> dict:
+def greylist_delay(conn, since: int, now: int) -> dict:
     """How long greylisting held the triplets that passed after `since` (up to
     `now`): how many, and the median, 90th percentile (nearest rank) and
     longest delay in seconds, None when none passed. Three rows leave SQLite."""
     figures = {"since": since, "passed": 0, "median": None, "p90": None, "max": None}
-    sql = (f"SELECT n, rank, delay FROM ({_RANKED.format(partition=0)})"
+    ranked = _RANKED.format(partition=0, delay=_whole(conn, "passed_at - first_seen"))
+    sql = (f"SELECT n, rank, delay FROM ({ranked}) AS ranked"
            f" WHERE rank IN ({_NEAREST.format(p=50)}, {_NEAREST.format(p=90)}, n)")
     for n, rank, delay in conn.execute(sql, {"since": since, "now": now}):
         figures["passed"] = n
@@ -380,13 +388,14 @@ def greylist_delay(conn: sqlite3.Connection, since: int, now: int) -> dict:
     return figures
 
 
-def held_longest(conn: sqlite3.Connection, since: int, now: int,
+def held_longest(conn, since: int, now: int,
                  limit: int = HELD_LONGEST) -> list[dict]:
     """The sender domains whose mail passing after `since` was held longest:
     by longest delay, then median (nearest rank), then the most triplets."""
+    ranked = _RANKED.format(partition=_DOMAIN, delay=_whole(conn, "passed_at - first_seen"))
     sql = (f"SELECT part, n, max(delay), max(CASE WHEN rank = {_NEAREST.format(p=50)}"
-           f" THEN delay END) AS median FROM ({_RANKED.format(partition=_DOMAIN)})"
-           " GROUP BY part ORDER BY max(delay) DESC, median DESC, n DESC, part LIMIT :limit")
+           f" THEN delay END) AS median FROM ({ranked}) AS ranked"
+           " GROUP BY part, n ORDER BY max(delay) DESC, median DESC, n DESC, part LIMIT :limit")
     return [{"domain": domain, "passed": n, "max": longest, "median": median}
             for domain, n, longest, median in conn.execute(
                 sql, {"since": since, "now": now, "limit": limit})]

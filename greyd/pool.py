@@ -21,7 +21,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import log
 from .policy import Facts, Triplet
@@ -121,6 +121,10 @@ class StorePool:
     def record(self, decisions: Sequence[Decision], sessions: Sessions = {}) -> None:
         with _Lease(self) as store:
             store.record(decisions, sessions)
+
+    def time_base(self, clock: Callable[[], float]) -> Callable[[], float]:
+        """One host on its own file: its own clock."""
+        return clock
 
     def close(self) -> None:
         """Close the idle connections; the next borrow looks at the path afresh."""

@@ -1,6 +1,6 @@
 """What the greylister asks of a store, whatever database is behind it.
 
-A backend (SQLite: `pool.StorePool`) lends `policy.Facts` for one decision
+A backend (SQLite: `pool.StorePool`; PostgreSQL: `pgpool.PgBackend`) lends `policy.Facts` for one decision
 and commits lots of decisions; any failure of its database reaches the
 greylister as one exception, `StoreError`, so nothing above the store
 knows which driver raised it. `StoreHealth` turns a run of failures into
@@ -13,7 +13,7 @@ import logging
 import threading
 from contextlib import AbstractContextManager
 from collections.abc import Mapping
-from typing import NamedTuple, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 from . import log
 from .policy import Facts, Triplet, Verdict
@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 
 class StoreError(Exception):
     """The store could not answer or could not write; the text says why."""
+
+
+class StoreUnreachable(StoreError):
+    """The database server did not answer at all (as opposed to refusing):
+    greyd starts without it, and uses it once it answers."""
 
 
 class Decision(NamedTuple):
@@ -57,6 +62,10 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Let go of every connection; the next use opens afresh."""
+
+    def time_base(self, clock: Callable[[], float]) -> Callable[[], float]:
+        """The clock decisions are made by, given this host's: the same one
+        on every host sharing the store."""
 
 
 class StoreHealth:

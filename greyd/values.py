@@ -253,3 +253,24 @@ def listen(value: Any, key: str) -> tuple[tuple[str, int], ...]:
     if not value:
         raise fail(key, "needs at least one address")
     return tuple(parse_hostport(entry, key, min_port=0) for entry in value)
+
+
+_URL_PASSWORD = re.compile(r"(?<=://)([^:@/?#]*):[^@/?#]*@")
+_KEYWORD_PASSWORD = re.compile(r"""(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)""")
+
+
+def database_url(value: Any, key: str) -> str:
+    """A PostgreSQL connection string, as libpq takes it: a URL
+    (postgresql://user@host:5432/greyd) or keywords (host=… dbname=…); "" = SQLite."""
+    text_value = text(spaces=True)(value, key).strip()
+    if text_value and not (text_value.startswith(("postgresql://", "postgres://"))
+                           or "=" in text_value):
+        raise fail(key, "must be a postgresql:// URL or libpq keywords (host=… dbname=…)",
+                   redact_url(text_value))
+    return text_value
+
+
+def redact_url(url: str) -> str:
+    """A connection string without its password, for logs and listings."""
+    url = _URL_PASSWORD.sub(r"\1:***@", url)
+    return _KEYWORD_PASSWORD.sub(r"\1***", url)

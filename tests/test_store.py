@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from greyd import policy, store as storage
+from greyd import policy, queries, store as storage
 from greyd.policy import (
     ACCEPT, GREYLIST, REJECT, AutoEntry, Request, Rules, Seen, Triplet, Verdict, decide)
 from greyd.pool import StorePool
 from greyd.recorder import Recorder
 from greyd.storage import Decision, StoreError, StoreHealth
-from greyd.store import SCHEMA_VERSION, Store, counter_reason
+from greyd.queries import counter_reason
+from greyd.store import SCHEMA_VERSION, Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -152,8 +153,8 @@ def test_hot_path_query_is_a_primary_key_search(store, sql, table, args):
 
 
 def test_hot_path_sql_is_the_text_store_py_sends():
-    """Keeps the plans above honest: the SQL under test is store.py's own."""
-    tree = ast.parse(Path(storage.__file__).read_text())
+    """Keeps the plans above honest: the SQL under test is queries.py's own."""
+    tree = ast.parse(Path(queries.__file__).read_text())
     literals = {node.value for node in ast.walk(tree)
                 if isinstance(node, ast.Constant) and isinstance(node.value, str)}
     for sql in (SEEN_SQL, AUTO_SQL, WHITELIST_VERSION_SQL, EARLY_SQL):
@@ -655,7 +656,7 @@ def test_a_hundred_concurrent_writers_all_succeed(database):
 
 def test_the_facts_of_a_decision_are_three_primary_key_searches(store):
     args = (NET, NET, "a@b", "c@d", 0)
-    plan = [row[3] for row in store.conn.execute("EXPLAIN QUERY PLAN " + storage.FACTS_SQL, args)]
+    plan = [row[3] for row in store.conn.execute("EXPLAIN QUERY PLAN " + queries.FACTS_SQL, args)]
     assert [detail.split()[:2] for detail in plan] == [["SEARCH", "m"], ["SEARCH", "a"],
                                                        ["SEARCH", "t"]], plan
     for detail in plan:
@@ -681,13 +682,13 @@ def test_a_new_triplet_reads_no_row_yet_sees_another_connections_whitelist(store
     no row at all; a whitelist changed elsewhere still comes through."""
     store.facts(NET, TRIPLET).whitelist()           # the connection now holds version 0
     args = (NET, NET, TRIPLET.sender, TRIPLET.recipient, 0)
-    assert store.conn.execute(storage.FACTS_SQL, args).fetchone() is None
+    assert store.conn.execute(queries.FACTS_SQL, args).fetchone() is None
     facts = store.facts(NET, TRIPLET)
     assert facts.seen(TRIPLET) is None and facts.auto_entry(NET) is None
     assert facts.whitelist() == store.whitelist()
     with Store(database) as other:
         other.add_whitelist("sender", "vip@example.org")
-    assert store.conn.execute(storage.FACTS_SQL, args).fetchone() is not None
+    assert store.conn.execute(queries.FACTS_SQL, args).fetchone() is not None
     request = policy.Request(client="192.0.2.1", sender="vip@example.org",
                              recipient="bob@localhost")
     assert store.facts(NET, TRIPLET).whitelist().match(request, T) is not None
