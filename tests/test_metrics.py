@@ -9,7 +9,6 @@ import os
 import re
 import socket
 import sqlite3
-import time
 import urllib.request
 from pathlib import Path
 
