@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from . import config as configuration, log, values
+from . import config as configuration, log, metrics, values
 from .admission import SharedCounts
 from .clitools import GreydError, describe, echo_json, load_certificate, load_config, when
 from .daemonize import Pidfile, alive, batch_scheduling, detach, drop_privileges, lookup_user
@@ -82,14 +82,16 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
             bound.close()
         listen_text = ", ".join(values.format_hostport(*a) for a in config.server.listen)
         raise GreydError(f"cannot listen on {listen_text}: {error.strerror or error}") from None
+    endpoint = _metrics_endpoint(config, daemons)
     daemon = daemons[0]
     notify = None if foreground else detach()
     try:
         pidfile.write()
         _write_state(config, daemon)
         if user is not None:
-            drop_privileges(user, _owned_paths(config))
+            drop_privileges(user, _owned_paths(config) + (endpoint.paths if endpoint else []))
     except OSError as error:
+        metrics.close()
         if notify:
             notify(f"cannot start: {describe(error)}")
         raise GreydError(f"cannot start: {describe(error)}") from None
@@ -97,6 +99,8 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
     if notify:
         listening = ", ".join(values.format_hostport(*a) for a in daemon.addresses)
         notify("", f"greyd started (pid {os.getpid()}), listening on {listening}")
+    if endpoint is not None:
+        endpoint.serve()
     try:
         if counts is None:
             serve(daemon, signals, lambda: _reloaded(config, listen, foreground, daemon),
@@ -107,8 +111,21 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
                       signals, lambda: _reopen_logs(config, foreground),
                       stopping=lambda sessions: _note_stopping(config, sessions))
     finally:
+        metrics.close()
         pidfile.remove()
         state_path(config).unlink(missing_ok=True)
+
+
+def _metrics_endpoint(config: configuration.Config, daemons: list[Daemon]):
+    """[metrics] listen, bound now (before the detach and the workers' fork), or a refusal."""
+    try:
+        return metrics.listen(config.metrics.address, config.server.workers,
+                              config.server.pidfile.parent)
+    except OSError as error:
+        for bound in daemons:
+            bound.close()
+        raise GreydError(f"cannot listen on {config.metrics.listen} (metrics.listen): "
+                         f"{error.strerror or error}") from None
 
 
 def _bound(config: configuration.Config, addresses) -> configuration.Config:

@@ -149,6 +149,24 @@ class DatabaseConfig:
         return values.redact_url(self.url) if self.url else str(self.path)
 
 
+def _metrics_listen(value: Any, key: str) -> str:
+    """'' (off), or HOST:PORT as format_hostport writes it."""
+    if value == "":
+        return ""
+    return values.format_hostport(*values.parse_hostport(value, key))
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus' text format at http://HOST:PORT/metrics; "" is off."""
+
+    listen: str = _key("", _metrics_listen)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return values.parse_hostport(self.listen, "metrics.listen") if self.listen else None
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting, one frozen dataclass per TOML section."""
@@ -161,6 +179,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     root: Path = Path(".")        # the appliance root, absolute after load()
     source: Path | None = None    # the file read; None for the built-in defaults
 

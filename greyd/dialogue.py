@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Callable
 
-from . import log, replies, tls
+from . import log, metrics, replies, tls
 from .channel import Channel, Closed
 from .smtp import Session
 
@@ -134,10 +134,11 @@ class Dialogue:
             self.failed = True
             logger.exception("session error %s", log.fields(
                 id=session.id, client=session.client, phase="end"))
+        end, seconds = "error" if self.failed else session.end, time.monotonic() - started
+        metrics.session(end, seconds)
         log.info("session end " + log.fields(
             id=session.id, client=session.client, name=session.client_name or "unknown",
-            helo=session.helo, messages=session.messages, errors=session.errors,
-            end="error" if self.failed else session.end,
+            helo=session.helo, messages=session.messages, errors=session.errors, end=end,
             **tls.session_fields(*(session.tls or (None, None))[:2]),
             **({"error": self.reason} if self.reason else {}),
-            seconds=f"{time.monotonic() - started:.3f}"))
+            seconds=f"{seconds:.3f}"))

@@ -40,7 +40,7 @@ import dns.nameserver
 import dns.resolver
 import dns.reversename
 
-from . import log
+from . import log, metrics
 from .ip import Address, client_address
 from .spfcheck import NOT_CHECKED, SpfCheck, SpfResult, identity
 
@@ -276,6 +276,7 @@ class Lookup:
 
     def _failure(self, address: Address, qname, rdtype: str, error: str,
                  level: int = logging.WARNING, **more) -> None:
+        metrics.dns_failure(error)
         logger.log(level, "dns failure %s", log.fields(
             client=address, query=_text(qname), type=rdtype, error=error, **more))
 

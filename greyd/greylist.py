@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Callable, NamedTuple
 
-from . import log, policy
+from . import log, metrics, policy
 from .pool import StorePool
 from .recorder import Recorder
 from .spfcheck import SpfResult
@@ -111,6 +111,7 @@ class Greylister:
         it is asked only when the answer can change the verdict (see
         `wants_spf`), so a whitelisted client, or a triplet passed under
         its network, never waits for it."""
+        started = time.perf_counter()
         now = self.clock()
         rules = self.rules
         try:
@@ -120,6 +121,7 @@ class Greylister:
         except StoreError as error:
             self.health.failed(error)
             verdict = policy.without_store(request, rules, self.on_store_error)
+        metrics.decision(verdict.action, verdict.reason, time.perf_counter() - started)
         log.info("decision " + log.fields(
             id=session, client=request.client, name=request.client_name or "unknown",
             helo=request.helo, **{"from": request.sender}, to=request.recipient,

@@ -22,7 +22,7 @@ import logging
 import smtplib
 import ssl
 
-from . import replies
+from . import metrics, replies
 from .ip import client_address
 from .log import fields
 from .replies import Reply
@@ -103,6 +103,7 @@ class Relay:
                 self._end_upstream_transaction()
         except OSError as error:
             return self._fail("data", error, replies.UPSTREAM_AT_DATA)
+        metrics.relayed(code)
         return self._passed("data", code, text, replies.UPSTREAM_AT_DATA)
 
     def rset(self) -> None:

@@ -22,7 +22,7 @@ import socketserver
 import threading
 import time
 
-from . import log, tls
+from . import log, metrics, tls
 from .admission import Admission, LocalCounts, SharedCounts
 from .channel import READ_BUFFER, Channel
 from .connection import Connection, timeval
@@ -138,7 +138,9 @@ class Listener(socketserver.ThreadingTCPServer):
                 self._waiting += spawn
             if spawn:
                 self._spawn()
+            metrics.connections(1)
             self.process_request_thread(request, client_address)
+            metrics.connections(-1)
             request = client_address = None     # the session's objects go now, not later
             with self._lock:
                 if self._closing or self._waiting >= IDLE_THREADS:
@@ -207,6 +209,7 @@ class Daemon:
         return [listener.server_address[:2] for listener in self.listeners]
 
     def start(self) -> None:
+        metrics.record()          # counting starts here (a worker: after its fork)
         self.ctx.greylister.start()
         self._watch_expiry()
         self.ctx.upstream.refresh()       # SMTPUTF8, DSN: waits a moment, never long
@@ -271,4 +274,6 @@ class Daemon:
         self.admission.ipv6_prefix = config.greylist.ipv6_prefix
         if tuple(config.server.listen) != tuple(old.config.server.listen):
             logger.warning("reload: new listen addresses take a restart")
+        if config.metrics != old.config.metrics:
+            logger.warning("reload: a new metrics.listen takes a restart")
         logger.info("reloaded %s", log.fields(config=config.source or "defaults"))

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from collections.abc import Mapping
 from typing import Callable, NamedTuple, Protocol, Sequence
 
-from . import log
+from . import log, metrics
 from .policy import Facts, Triplet, Verdict
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class StoreHealth:
     def failed(self, error: Exception) -> None:
         with self._lock:
             first, self._down = not self._down, True
+        metrics.store_failed()
         if first:
             logger.error("store failure: %s", log.fields(error=error))
 
@@ -90,4 +91,5 @@ class StoreHealth:
             with self._lock:
                 was, self._down = self._down, False
             if was:
+                metrics.store_recovered()
                 logger.warning("store recovered")

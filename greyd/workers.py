@@ -22,7 +22,7 @@ import signal
 import time
 from typing import Callable
 
-from . import log
+from . import log, metrics
 from .admission import SharedCounts
 from .server import GRACE, Daemon
 
@@ -91,6 +91,7 @@ class Workers:
             if number is None:
                 continue
             self.counts.clear(number)
+            metrics.process_gone(pid)
             if restart:
                 logger.error("worker exited, restarting it %s", log.fields(
                     worker=number, pid=pid, status=_describe(status)))

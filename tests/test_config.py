@@ -571,7 +571,8 @@ def test_with_listen_rejects_bad_address(bad):
 def test_as_dict_is_json_with_the_config_keys():
     c = config.load(SAMPLE)
     settings = json.loads(json.dumps(c.as_dict()))
-    assert list(settings) == ["server", "upstream", "tls", "relay", "greylist", "dns", "log", "database"]
+    assert list(settings) == ["server", "upstream", "tls", "relay", "greylist", "dns", "log", "database",
+                              "metrics"]
     for section, table in settings.items():
         fields = [f.name for f in dataclasses.fields(getattr(c, section))]
         assert list(table) == fields
@@ -582,6 +583,7 @@ def test_as_dict_is_json_with_the_config_keys():
     assert settings["greylist"]["retry_window"] == 172800
     assert settings["log"]["debug_file"] == ""
     assert settings["database"]["path"] == str(REPO / "var" / "greyd.db")
+    assert settings["metrics"]["listen"] == ""
 
 
 def test_as_dict_round_trips_through_toml(tmp_path):
