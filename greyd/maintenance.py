@@ -278,9 +278,8 @@ def _chunks(conn, table: str, key: tuple[str, ...], conditions: list[str],
 
 def _whole(conn, expr: str) -> str:
     """`expr`'s whole seconds, the fraction cut off (PostgreSQL's CAST rounds)."""
-    if getattr(conn, "dialect", "sqlite") == "postgresql":
-        return f"CAST(trunc({expr}) AS BIGINT)"
-    return f"CAST({expr} AS INTEGER)"
+    postgresql = getattr(conn, "dialect", "sqlite") == "postgresql"
+    return f"CAST(trunc({expr}) AS BIGINT)" if postgresql else f"CAST({expr} AS INTEGER)"
 
 
 def _keys(values) -> dict[str, object]:
