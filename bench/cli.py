@@ -1,7 +1,8 @@
 """The benchmark's command line: options, the header, the sections, the summary.
 
 Owns: parsing and checking the options (and their --quick defaults), the
-open-file limit, the header, running each wanted section so that one failing
+open-file limit, greyd's store for the run (bench.database), the header,
+running each wanted section so that one failing
 does not stop the others, the summary, the --json file and the exit status;
 and the hidden --serve-sink mode the Python sink runs in. Must not: measure
 anything itself.
@@ -26,6 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.daemon import greyd_command, workers_value
+from bench.database import GET_POSTGRESQL, POSTGRESQL, SQLITE, Database
 from bench.memory import memory
 from bench.postgrey import GET_POSTGREY
 from bench.processes import BenchError, Processes, run_bounded, tool
@@ -52,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
                     "(or a pure-Python client and sink when they are missing).",
         epilog="Get smtp-source and smtp-sink (Debian/Ubuntu):\n  " + GET_POSTFIX
                + "\nGet postgrey, for the tls section's Postfix + postgrey (run as root):\n  "
-               + GET_POSTGREY)
+               + GET_POSTGREY + "\nGet PostgreSQL, for --store postgresql:\n  "
+               + GET_POSTGRESQL)
     add_size_options(parser)
     add_run_options(parser)
     return parser
@@ -101,6 +104,19 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink", choices=("auto", "postfix", "python"), default="auto",
                         help="sink: smtp-sink, or the Python sink (default: smtp-sink when "
                              "installed)")
+    parser.add_argument("--store", choices=(SQLITE, POSTGRESQL),
+                        help="greyd's store in every section but replay (which always runs "
+                             "on SQLite: its clock is simulated): sqlite (default), a database "
+                             "file per greyd; or postgresql: unless --database-url is given, "
+                             "the bench runs a throwaway PostgreSQL server of its own "
+                             "(Debian's binaries, /usr/lib/postgresql/*/bin: initdb in a "
+                             "temporary directory, as nobody when run as root, on 127.0.0.1 "
+                             "and a free port, PostgreSQL's default durability, fsync on) "
+                             "and removes it at the end")
+    parser.add_argument("--database-url", metavar="URL",
+                        help="PostgreSQL database to use instead of a server of the bench's "
+                             "own (implies --store postgresql). greyd's tables in it are "
+                             "DROPPED before each greyd starts: give it a scratch database")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the store's data")
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
     parser.add_argument("--keep", action="store_true",
@@ -134,6 +150,9 @@ def parse_args(argv=None):
     if any(c < 1 or c > 1000 for c in args.concurrency):
         options.error("--concurrency: each from 1 to 1000")
     choose_tools(args, options)
+    if args.database_url and args.store == SQLITE:
+        options.error("--database-url is PostgreSQL's: it goes with --store postgresql")
+    args.store = args.store or (POSTGRESQL if args.database_url else SQLITE)
     return args
 
 
@@ -157,7 +176,7 @@ def raise_nofile(wanted: int) -> int:
     return soft
 
 
-def header(args) -> None:
+def header(args, database: Database) -> None:
     try:
         import greyd
         version = getattr(greyd, "__version__", "?")
@@ -175,6 +194,7 @@ def header(args) -> None:
           f"{platform.python_version()}  ")
     print(f"greyd {version} ({' '.join(greyd_command())}) · smtp-source/smtp-sink: "
           f"{postfix} · greyd server.workers = {args.workers} · load average at start: {load}"
+          + f"  \ngreyd's store: {database.label}"
           + ("  \nQUICK (smoke mode: the figures mean nothing)" if args.quick else ""))
     if args.client == "python" or args.sink == "python":
         print(f"\nsmtp-source/smtp-sink not used: the pure-Python client/sink stand in. "
@@ -200,7 +220,6 @@ def run(args) -> int:
     nofile = raise_nofile(max(4096, args.idle * 2 + 512))
     if nofile < args.idle + 256:
         args.idle = max(1, nofile - 256)
-    header(args)
     report = Report()
     rng = random.Random(args.seed)
     procs = Processes()
@@ -211,6 +230,13 @@ def run(args) -> int:
     try:
         with ExitStack() as stack:
             stack.callback(procs.stop_all)
+            try:
+                args.database = Database.open(args, workdir, stack)
+            except (BenchError, OSError, RuntimeError) as error:
+                print(f"scripts/bench: greyd's store: {error}", file=sys.stderr)
+                return 1
+            header(args, args.database)
+            report.data["database"] = args.database.as_json()
             for wanted, section in sections:
                 if wanted:
                     run_section(section, args, procs, workdir, report, rng)

@@ -2,7 +2,7 @@
 
 Owns: finding the `greyd` command that belongs to this interpreter, writing
 its config (etc/greyd.toml, listening on a free loopback port; a [tls] table
-when it is to offer STARTTLS), starting and
+when it is to offer STARTTLS; [database] path, or url for PostgreSQL), starting and
 stopping it, its server.workers setting, the CPU time and RSS of the daemon
 and its workers, and the problems it logged. Must not: send it load, or
 import greyd (the daemon is measured as a separate process).
@@ -49,11 +49,13 @@ def toml_value(value) -> str:
 
 
 class Greyd:
-    """One greyd daemon on a temporary appliance root: etc/greyd.toml, var/."""
+    """One greyd daemon on a temporary appliance root: etc/greyd.toml, var/; its
+    store the SQLite file `database` (default var/greyd.db) or PostgreSQL at `url`."""
 
     def __init__(self, root: Path, procs: Processes, *, upstream: int, trusted: bool,
                  workers: int | str, domains: tuple[str, ...] = (DOMAIN,),
-                 database: Path | None = None, tls: Certificate | None = None):
+                 database: Path | None = None, url: str | None = None,
+                 tls: Certificate | None = None):
         self.root, self.procs = root, procs
         self.port = free_port()
         self.config = root / "etc" / "greyd.toml"
@@ -71,7 +73,7 @@ class Greyd:
             # With --foreground greyd logs to stderr; "" keeps it from logging twice.
             # stderr goes to var/log/greyd.log: one log file, at info, as in production.
             "log": {"file": "", "level": "info"},
-            "database": {"path": str(self.database)},
+            "database": {"url": url} if url else {"path": str(self.database)},
         }
         if tls is not None:         # STARTTLS offered (SPEC §10 [tls])
             sections["tls"] = {"cert": str(tls.cert), "key": str(tls.key)}

@@ -69,7 +69,7 @@ def measure_hold(args, procs: Processes, root: Path, upstream: int, report: Repo
     `certificate`), and after they closed: (idle, held, after KiB, connections held)."""
     # Every recipient is greylisted here: nothing is relayed.
     greyd = Greyd(root, procs, upstream=upstream, trusted=False, workers=args.workers,
-                  tls=certificate)
+                  url=args.database.fresh(), tls=certificate)
     context = client_context() if certificate else None
     kind = "TLS " if certificate else ""
     greyd.start()

@@ -102,7 +102,7 @@ def start_contenders(args, procs, workdir, stack, sink_port, certificate, missin
     """greyd, and Postfix + postgrey unless `missing`, all stopped by `stack`:
     (greyd, the contenders)."""
     greyd = Greyd(workdir / "greyd-tls", procs, upstream=sink_port, trusted=False,
-                  workers=args.tls_workers, tls=certificate)
+                  workers=args.tls_workers, url=args.database.fresh(), tls=certificate)
     greyd.start()
     stack.callback(greyd.stop)
     contenders = [Contender(GREYD, greyd.port, greyd.cpu_seconds)]
