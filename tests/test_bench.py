@@ -11,6 +11,7 @@ it says so, and its Postfix + postgrey cells read "not measured".
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -135,3 +136,33 @@ def test_quick_tls_mode_compares_greyd_with_postfix_and_postgrey(tmp_path):
         assert f"Postfix + postgrey not measured: {reference_missing()}" in stdout
         assert not any("over STARTTLS" in name for name in names), names
         assert re.match(r"summary: [0-9]+ of 2 targets met", summary), summary
+
+
+def test_quick_postgresql_store_measures_every_store_figure(tmp_path):
+    """--store postgresql, briefly: the bench's own throwaway PostgreSQL server,
+    the sections that touch greyd's store (deferred, passed, store) measured
+    on it, with PostgreSQL's targets; the report and --json name the store.
+    Without PostgreSQL's binaries skipped, except in CI (CI set), where it fails."""
+    from bench.pgserver import binaries
+    if binaries() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL binaries not found, yet CI is set: "
+                        ".ci/run installs Debian's postgresql", pytrace=False)
+        pytest.skip("PostgreSQL binaries not found (Debian package postgresql)")
+    printed, summary, report, stdout = bench(
+        tmp_path, "--store", "postgresql", "--only", "deferred,passed,store", "--runs", "1",
+        "--concurrency", "100", "--sessions", "200", "--messages", "100",
+        "--triplets", "5000", "--decisions", "300")
+    assert "greyd's store: PostgreSQL" in stdout
+    assert report["database"]["store"] == "postgresql" and report["database"]["version"]
+    assert "pg-secret" not in json.dumps(report["database"])     # the URL's password redacted
+    store = next(t for t in printed if t.startswith("Store (5,000 triplets, PostgreSQL"))
+    rows = {row["figure"]: row for row in printed[store]}
+    assert rows["one decision p99 ms"]["target"] == "≤ 2"
+    assert rows["longest RCPT stall during cleanup, ms"]["target"] == "≤ 100"
+    assert report["store"]["triplets"] >= 5000 and report["store"]["cleanup_removed"] >= 5000
+    throughput = {(row["figure"], row["concurrency"]): row
+                  for row in printed["Throughput and latency"]}
+    assert throughput["deferred sessions/s", "100"]["target"] == "≥ 0.3"
+    assert throughput["passed messages/s (1 KiB)", "100"]["target"] == "≥ 0.09"
+    assert re.match(r"summary: [0-9]+ of 4 targets met", summary), summary
