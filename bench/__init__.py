@@ -23,6 +23,11 @@ every figure with its ratio to the sink and its target:
               deferrals; for the default config, client_key = ["network"]
               and mode = "suspicious" (not under --quick)
 
+greyd's store is SQLite (a file per greyd) unless --store postgresql: then
+every section but replay runs greyd on PostgreSQL, a throwaway server the
+bench initdb's and starts on 127.0.0.1 (or the one --database-url names),
+with PostgreSQL's targets where the issues set them apart.
+
 Postfix's smtp-source and smtp-sink are the reference client and sink when
 installed; otherwise a pure-Python asyncio client and sink stand in, and the
 output says so. Session latencies always come from the Python client. Speed
@@ -37,6 +42,8 @@ The modules, one job each:
   client      the load clients: smtp-source and the Python client (STARTTLS too)
   certificate the certificate the servers present (trustme), the client's TLS
   daemon      the greyd under test: config, start, stop, CPU, RSS, its log
+  database    greyd's store for the run: SQLite, or PostgreSQL (filled with COPY)
+  pgserver    a throwaway PostgreSQL server on loopback (shared with the tests)
   postfix     private Postfix instances (shared with the tests)
   postgrey    a private postgrey, the tls section's policy server
   report      tables, targets, failures and the statistics they print
@@ -52,7 +59,8 @@ The modules, one job each:
 The package needs only the standard library, greyd (its store and policy
 modules for the store section; the `greyd` command for the daemon; its
 server in-process for the replay, with dnspython) and greyd's test extra:
-trustme for TLS, aiosmtpd for the replay's upstream. Postfix + postgrey need root, Postfix and
+trustme for TLS, aiosmtpd for the replay's upstream; psycopg (greyd's
+postgresql extra) and PostgreSQL's binaries for --store postgresql. Postfix + postgrey need root, Postfix and
 postgrey; without them the tls section measures greyd alone and says why.
 It is not installed with greyd: scripts/bench puts the repository root on
 sys.path.
