@@ -20,13 +20,11 @@ from __future__ import annotations
 import re
 from contextlib import AbstractContextManager
 from functools import lru_cache
-from typing import Sequence
 
 import psycopg
 from psycopg import conninfo
 
 from .queries import Queries, transaction
-from .storage import Decision, Sessions
 
 MIGRATE_LOCK = 0x67726579   # advisory lock key ("grey") held while migrating
 CLEANUP_LOCK = 0x67726563   # ... and while a cleanup runs, on any host
@@ -127,14 +125,6 @@ class PgStore(Queries):
 
     def close(self) -> None:
         self.conn.close()
-
-    def record(self, decisions: Sequence[Decision], sessions: Sessions = {}) -> None:
-        """`Queries.record` in psycopg's pipeline mode: the lot's statements go
-        out without waiting for one another's answers, so a lot costs a round
-        trip or two, not one per statement (an accepted triplet takes two);
-        an error still fails, and rolls back, the whole lot."""
-        with self.conn.raw.pipeline():
-            super().record(decisions, sessions)
 
     def __enter__(self) -> "PgStore":
         return self

@@ -1,5 +1,4 @@
-"""PgStore.record: a lot of verdicts goes to PostgreSQL in pipeline mode
-(one round trip or two), and still commits all or nothing."""
+"""PgStore.record: a lot of verdicts is written to PostgreSQL all or nothing."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ def verdict(action, reason, recipient, update):
     return Verdict(action, reason, NET, Triplet(NET, "a@b.example", recipient), update=update)
 
 
-def test_a_lot_is_recorded_in_pipeline_mode_all_or_nothing(pg_url):
+def test_a_lot_is_recorded_all_or_nothing(pg_url):
     with PgStore.open(pg_url) as store:
         store.migrate()
         store.record([Decision(verdict(GREYLIST, "new", f"r{n}@x.example", policy.NEW), T, MAX_AGE)
