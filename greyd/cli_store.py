@@ -54,9 +54,10 @@ def copy(ctx: click.Context, target: str) -> None:
     written in batches of 5,000 rows, each its own transaction.
 
     Idempotent: a row of the target with the same key as one of the source
-    (the same triplet, whitelist entry, network or counter) takes the
-    source's values; rows only in the target are kept; a second copy
-    changes nothing. To start the target afresh, copy into an empty one.
+    (the same triplet, whitelist entry, network or counter minute) takes the
+    source's values, counts included (they are not added up); rows only in
+    the target are kept; copying again changes only what has changed in the
+    source since. To start the target afresh, copy into an empty one.
 
     A password in --to is never printed, but a command line is visible to
     the other users of the host: prefer ~/.pgpass or $PGPASSWORD.
