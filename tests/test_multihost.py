@@ -33,7 +33,8 @@ from upstream import Upstream, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
-DELAY = 1                # seconds: greylist.delay of both hosts
+DELAY = 2                # seconds: greylist.delay of both hosts (short; a loaded machine's
+                         # early retries and 40 simultaneous RCPTs still fall within it)
 AUTO_AFTER = 3           # greylist.auto_whitelist_after of both hosts
 BODY = b"Subject: multihost\r\n\r\nHello.\r\n"
 
@@ -127,14 +128,14 @@ def test_a_first_attempt_at_a_passes_on_retry_at_b(hosts, shared_url):
     first, _ = deliver(a.port, sender, "bob@localhost", source=source)
     assert first[0] == 451 and first[1].startswith(b"4.7.1 Greylisted"), first
     recorded = time.monotonic()
-    assert until(lambda: triplets_of(shared_url, sender), 5), "A did not record the triplet"
+    assert until(lambda: triplets_of(shared_url, sender), 10), "A did not record the triplet"
     early, _ = deliver(b.port, sender, "bob@localhost", source=source)
     assert early[0] == 451, early               # B knows it: too early, not new
     time.sleep(max(0.0, recorded + DELAY + 0.3 - time.monotonic()))
     passed, data = deliver(b.port, sender, "bob@localhost", BODY, source=source)
     assert passed == (250, b"2.1.5 OK") and data[0] == 250
-    assert until(lambda: a.decisions(sender) == ["new"], 5), a.log
-    assert until(lambda: b.decisions(sender) == ["too-early", "passed"], 5), b.log
+    assert until(lambda: a.decisions(sender) == ["new"], 10), a.log
+    assert until(lambda: b.decisions(sender) == ["too-early", "passed"], 10), b.log
     assert [row[:3] for row in triplets_of(shared_url, sender)] == [
         ("127.0.1.0/24", sender, "bob@localhost")]
 
@@ -151,7 +152,7 @@ def test_a_whitelist_entry_added_through_a_takes_effect_at_b(hosts):
     assert added.returncode == 0, added.stderr
     after, data = deliver(b.port, sender, "dave@localhost", BODY, source=source)
     assert after == (250, b"2.1.5 OK") and data[0] == 250
-    assert until(lambda: len(b.decisions(sender)) == 2, 5), b.log
+    assert until(lambda: len(b.decisions(sender)) == 2, 10), b.log
     new, whitelisted = b.decisions(sender)
     assert new == "new" and whitelisted.startswith("whitelist:") and sender in whitelisted
 
@@ -176,28 +177,33 @@ def test_the_auto_whitelist_counts_passes_at_both_hosts(hosts, shared_url):
     first, _ = deliver(a.port, sender, "frank@localhost", source=source)
     assert first[0] == 451
     recorded = time.monotonic()
-    assert until(lambda: triplets_of(shared_url, sender), 5)
+    assert until(lambda: triplets_of(shared_url, sender), 10)
     time.sleep(max(0.0, recorded + DELAY + 0.3 - time.monotonic()))
-    # Passes alternate: B (the retry that passes), A (known), B (known).
+    # Passes alternate: B (the retry that passes), A (known), B (known); after
+    # each, a new sender from the network at the other host is greylisted,
+    # until the passes of both add up to AUTO_AFTER.
     for n, host in enumerate([b, a, b], 1):
         rcpt, data = deliver(host.port, sender, "frank@localhost", BODY, source=source)
         assert rcpt[0] == 250 and data[0] == 250
-        assert until(lambda: counted(shared_url, network) == n, 5), counted(shared_url, network)
-        stranger = explain(a if host is b else b, "127.0.3.9", "grace@example.org",
-                           "frank@localhost")
-        if n < AUTO_AFTER:
-            assert (stranger["action"], stranger["reason"]) == ("greylist", "new"), (n, stranger)
-            an_hour_passes(shared_url, network)
-    assert (stranger["action"], stranger["reason"]) == ("accept", "auto-whitelist"), stranger
-    assert until(lambda: a.decisions(sender) == ["new", "known"], 5), a.log
-    assert until(lambda: b.decisions(sender) == ["passed", "known"], 5), b.log
+        assert until(lambda: counted(shared_url, network) == n, 10), counted(shared_url, network)
+        if n == AUTO_AFTER:
+            break
+        other, stranger = (a if host is b else b), f"stranger-{chr(96 + n)}@example.org"
+        rcpt, _ = deliver(other.port, stranger, "frank@localhost", source=source)
+        assert rcpt[0] == 451
+        assert until(lambda: other.decisions(stranger) == ["new"], 10), other.log
+        an_hour_passes(shared_url, network)
+    report = explain(a, "127.0.3.9", "grace@example.org", "frank@localhost")
+    assert (report["action"], report["reason"]) == ("accept", "auto-whitelist"), report
+    assert until(lambda: a.decisions(sender) == ["new", "known"], 10), a.log
+    assert until(lambda: b.decisions(sender) == ["passed", "known"], 10), b.log
     # A new sender from the network now passes at either host at once.
     for host in (a, b):
         rcpt, _ = deliver(host.port, f"{host.name}-new@example.org", "frank@localhost", BODY,
                           source=source)
         assert rcpt == (250, b"2.1.5 OK")
         assert until(lambda: host.decisions(f"{host.name}-new@example.org")
-                     == ["auto-whitelist"], 5), host.log
+                     == ["auto-whitelist"], 10), host.log
 
 
 # -- 4. the same new triplet at both hosts at once ---------------------------------------------
@@ -241,7 +247,7 @@ def test_the_same_new_triplet_at_both_hosts_at_once_is_one_row_and_no_error(host
         assert all(code == 451 and text.startswith("4.7.1 Greylisted")
                    for code, text in replies), replies
         assert until(lambda: len(a.decisions(sender)) + len(b.decisions(sender))
-                     == 2 * CLIENTS_PER_HOST, 5)
+                     == 2 * CLIENTS_PER_HOST, 10)
         reasons = set(a.decisions(sender) + b.decisions(sender))
         assert reasons <= {"new", "too-early"} and "new" in reasons, reasons
         found = triplets_of(shared_url, sender)
@@ -252,12 +258,12 @@ def test_the_same_new_triplet_at_both_hosts_at_once_is_one_row_and_no_error(host
     replies = hammer([a.port, b.port], source, sender, recipient)
     assert all(reply == (250, "2.1.5 OK") for reply in replies), replies
     assert until(lambda: len(a.decisions(sender)) + len(b.decisions(sender))
-                 == 4 * CLIENTS_PER_HOST, 5)
+                 == 4 * CLIENTS_PER_HOST, 10)
     assert set(a.decisions(sender)[CLIENTS_PER_HOST:]
                + b.decisions(sender)[CLIENTS_PER_HOST:]) <= {"passed", "known"}
     found = triplets_of(shared_url, sender)
     assert len(found) == 1 and found[0][4] is not None
-    assert until(lambda: counted(shared_url, network) == 1, 5)   # once an hour, however many
+    assert until(lambda: counted(shared_url, network) == 1, 10)   # once an hour, however many
     for host in (a, b):
         log = host.log
         assert not re.search(r"Traceback|store-error|deadlock", log), log
@@ -303,9 +309,9 @@ def test_a_skewed_clock_neither_shortens_nor_lengthens_the_delay(skewed_hosts):
     ahead = policy.Request("198.51.100.7", "ivan@example.net", "judy@localhost")
     behind = policy.Request("198.51.100.8", "kim@example.net", "judy@localhost")
     # Recorded by the slow host: the fast one does not pass it early ...
-    assert DELAY - 0.1 <= passes_after(slow, fast, ahead) <= DELAY + 1
+    assert DELAY - 0.1 <= passes_after(slow, fast, ahead) <= DELAY + 2
     # ... and recorded by the fast host, the slow one does not wait longer.
-    assert DELAY - 0.1 <= passes_after(fast, slow, behind) <= DELAY + 1
+    assert DELAY - 0.1 <= passes_after(fast, slow, behind) <= DELAY + 2
     # The contrast: on their raw clocks, the fast host would pass a triplet
     # the slow one just recorded, and the slow one make a retry wait SKEW more.
     raw_fast = Greylister(fast.config, fast.backend, clock=lambda: time.time() + SKEW)
@@ -324,8 +330,8 @@ def test_a_skewed_clock_neither_shortens_nor_lengthens_the_delay(skewed_hosts):
 
 # -- 6. two cleanups at once on the shared store ----------------------------------------------
 
-EXPIRED_PENDING = 12_000
-EXPIRED_PASSED = 4_000
+EXPIRED_PENDING = 8_000
+EXPIRED_PASSED = 2_000
 LIVE = 5_000
 
 
