@@ -27,7 +27,9 @@ from conftest import base_sections, merge, toml, until
 from daemon import GREYD, Foreground, greyd, wait_listening
 from greyd import config as configuration, policy
 from greyd.greylist import Greylister, backend_for
+from greyd.pgpool import PgBackend
 from greyd.postgres import PgStore
+from greyd.storage import Decision, StoreError
 from smtpclient import Raw, deliver
 from upstream import Upstream, free_port
 
@@ -326,6 +328,64 @@ def test_a_skewed_clock_neither_shortens_nor_lengthens_the_delay(skewed_hosts):
     fast.recorder.flush()
     assert raw_slow.explain(again).verdict.retry_in > SKEW
     assert slow.explain(again).verdict.retry_in <= DELAY
+
+
+# -- 4b. two hosts' lots over the same triplets, in opposite orders --------------------------
+
+def deadlocks(url: str) -> int:
+    return rows(url, "SELECT deadlocks FROM pg_stat_database"
+                     " WHERE datname = current_database()")[0][0]
+
+
+def test_lots_over_shared_triplets_in_any_order_never_deadlock(pg_url):
+    """Two hosts' writers (two threads each) commit lots that touch the same
+    pending and passed triplets of two networks, one host in the opposite
+    order of the other: every lot commits, and PostgreSQL saw no deadlock."""
+    hosts = [PgBackend(pg_url, 2.0) for _ in range(2)]
+    for backend in hosts:
+        backend.open()
+    now = time.time()
+    pending = [policy.Triplet(f"10.0.{i % 2}.0/24", f"p{chr(97 + i)}@example.net",
+                              "olga@localhost") for i in range(4)]
+    passed = [policy.Triplet(f"10.0.{i % 2}.0/24", f"k{chr(97 + i)}@example.net",
+                             "olga@localhost") for i in range(4)]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for t in pending + passed:
+            conn.execute("INSERT INTO triplets VALUES (%s, %s, %s, %s, %s, %s)",
+                         (*t, now, int(now), int(now) if t in passed else None))
+
+    def lot(reverse: bool) -> list[Decision]:
+        verdicts = [policy.Verdict("greylist", "too-early", t.network, t, update=policy.EARLY)
+                    for t in pending]
+        verdicts += [policy.Verdict("accept", "known", t.network, t, update=policy.KNOWN)
+                     for t in passed]
+        verdicts = [v for pair in zip(verdicts[:4], verdicts[4:]) for v in pair]
+        return [Decision(v, time.time(), 86400) for v in (verdicts[::-1] if reverse else verdicts)]
+
+    errors: list[str] = []
+    committed = [0, 0, 0, 0]
+    stop = time.monotonic() + 3
+
+    def writer(i: int) -> None:
+        while time.monotonic() < stop:
+            try:
+                hosts[i % 2].record(lot(reverse=bool(i % 2)))
+                committed[i] += 1
+            except StoreError as error:
+                errors.append(str(error))
+
+    try:
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        for backend in hosts:
+            backend.close()
+    assert errors == [], (errors, committed)
+    assert all(committed), committed
+    assert deadlocks(pg_url) == 0
 
 
 # -- 6. two cleanups at once on the shared store ----------------------------------------------
