@@ -5,9 +5,10 @@ each, on ports of their own, with the same [database] url; they are started
 once for the module and every test uses client networks, senders and
 recipients of its own (a source address in 127.0.N.0/24 per test). What
 one host records, whitelists or counts, the other sees at its next RCPT;
-the same new triplet at both at once is one row and no error; one time base
-(the database server's clock) for hosts whose clocks disagree; two cleanups
-at once neither deadlock nor count twice.
+the same new triplet at both at once is one row and no error; two hosts'
+writes over the same triplets, in opposite orders, never deadlock; one time
+base (the database server's clock) for hosts whose clocks disagree; two
+cleanups at once neither deadlock nor count twice.
 """
 
 from __future__ import annotations
