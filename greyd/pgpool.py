@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -132,8 +133,17 @@ class PgBackend:
                 store.migrate()
             self._ready = True
 
-    def _borrow(self) -> tuple[psycopg.Connection, PgStore]:
-        raw = self._connections().getconn(timeout=self.timeout)
+    def _borrow(self, deadline: float) -> tuple[psycopg.Connection, PgStore]:
+        """A pooled connection by `deadline`; those the server has closed
+        meanwhile (a restart, a crash) are dropped on the way, so a client
+        never pays for them with a store error."""
+        pool = self._connections()
+        while True:
+            raw = pool.getconn(timeout=max(0.0, deadline - time.monotonic()))
+            if not _stale(raw):
+                break
+            raw.close()
+            self._give_back(raw)            # the pool opens another in its place
         store = self._stores.get(raw)
         if store is None:
             store = self._stores[raw] = PgStore(Connection(raw))
@@ -163,7 +173,7 @@ class _Lease:
     def __enter__(self) -> PgStore | Facts:
         deadline = time.monotonic() + self.backend.timeout
         try:
-            self.raw, store = self.backend._borrow()
+            self.raw, store = self.backend._borrow(deadline)
         except psycopg.Error as error:
             raise StoreError(_one_line(error)) from error
         self.backend.watchdog.arm(self.raw, deadline)
@@ -219,6 +229,20 @@ class Watchdog:
                 self._wake.clear()
                 if self._armed:             # armed while clearing
                     self._wake.set()
+
+
+def _stale(raw: psycopg.Connection) -> bool:
+    """Whether an idle connection is past use: the server says nothing
+    unasked, so anything to read is its farewell (a FATAL message) or the
+    end of the stream. One poll, no round trip."""
+    if raw.closed or raw.broken:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(raw.pgconn.socket, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        return True
 
 
 def _cut(raw: psycopg.Connection) -> None:
