@@ -259,19 +259,27 @@ def _cut(raw: psycopg.Connection) -> None:
 class ServerClock:
     """A host's clock set to the database server's: the local clock plus the
     offset read from the server (half a round trip allowed for), once a
-    minute; until the first reading, the local clock."""
+    minute; until the first reading, the local clock. A reading is taken
+    beside the decisions, by a thread of its own, never in their way: a
+    server that does not answer would cost one of them database.timeout.
+    The first is taken at once when the store is known to answer."""
 
     def __init__(self, backend: PgBackend, local: Callable[[], float]):
         self.backend, self.local = backend, local
         self.offset = 0.0
         self._next = 0.0
+        self._reading = threading.Lock()    # one reading at a time
+        if backend._ready:
+            self._sample()
 
     def __call__(self) -> float:
-        if time.monotonic() >= self._next:
-            self._sample()
+        if time.monotonic() >= self._next and self._reading.acquire(blocking=False):
+            self._next = time.monotonic() + RETRY_SAMPLE
+            threading.Thread(target=self._sample, args=(True,), name="greyd-pg-clock",
+                             daemon=True).start()
         return self.local() + self.offset
 
-    def _sample(self) -> None:
+    def _sample(self, release: bool = False) -> None:
         self._next = time.monotonic() + RETRY_SAMPLE
         try:
             with _Lease(self.backend) as store:
@@ -280,6 +288,9 @@ class ServerClock:
                 after = self.local()
         except StoreError:
             return
+        finally:
+            if release:
+                self._reading.release()
         self.offset = server - (before + after) / 2
         self._next = time.monotonic() + SAMPLE_EVERY
 
