@@ -28,6 +28,7 @@ from daemon import Foreground, threads, wait_listening
 from greyd import config as configuration, replies
 from greyd.context import Context
 from greyd.greylist import Greylister
+from greyd.pgpool import PgBackend
 from greyd.server import Daemon
 from pgserver import PgServer
 from smtpclient import R, Raw
@@ -119,7 +120,8 @@ def run_greyd(tmp_path, clock):
         each.daemon.stop()
 
 
-def rcpt(port: int, recipient: str, sender: str = "a@example.net") -> tuple[tuple[int, str], float]:
+def rcpt(port: int, recipient: str,
+         sender: str = "a@example.net") -> tuple[tuple[int, str], float]:
     """One session with one RCPT: its reply and how long that reply took."""
     with Raw(port, timeout=10) as raw:
         assert raw.cmd("EHLO mail.example.net")[0] == 250
@@ -388,11 +390,16 @@ def test_the_daemon_keeps_no_thread_stuck_on_a_hung_server(tmp_path, server, dat
 @pytest.mark.parametrize("fault", ["restart", "kill"])
 def test_a_stale_pooled_connection_costs_no_store_error(server, database, run_greyd, logs,
                                                         fault):
+    """After a fast restart or a crash every pooled connection is dead; the
+    first RCPT after the server is back is greylisted and recorded as
+    usual, not answered per on_store_error, and no failure is logged."""
     greyd = run_greyd(database)
-    # several connections in the pool, all left stale by the restart
-    with Traffic(greyd.port, clients=4):
+    with Traffic(greyd.port, clients=4):     # several connections into the pool
         time.sleep(0.5)
     greyd.flush()
+    pooled = greyd.ctx.greylister.backend._pool.get_stats()["pool_size"]
+    print(f"stale after {fault}: {pooled} pooled connections")
+    assert pooled >= 2
     if fault == "kill":
         server.kill()
     else:
@@ -400,7 +407,27 @@ def test_a_stale_pooled_connection_costs_no_store_error(server, database, run_gr
     server.start()
     first, took = rcpt(greyd.port, "first@localhost")
     assert greylisted(first), first
+    print(f"stale after {fault}: first RCPT in {took:.3f} s")
     assert took < BOUND
     greyd.flush()
     assert stored(database, "first@localhost")
     assert store_lines(logs) == (0, 0), logs.messages
+
+
+# -- the time base is still the server's, read beside the decisions ----------------------------
+
+def test_the_server_clock_is_read_beside_decisions_and_at_once_when_up(pg_url):
+    """A host clock 1000 s fast still decides by the server's: read by a
+    thread of its own (the first call answers at once, by the local clock),
+    or at once when the store answered at start."""
+    def skewed() -> float:                          # a host clock 1000 s fast
+        return time.time() + 1000.0
+    backend = PgBackend(pg_url, TIMEOUT)
+    try:
+        beside = backend.time_base(skewed)           # not opened: nothing read yet
+        assert abs(beside() - time.time()) > 900
+        assert until(lambda: abs(beside() - time.time()) < 5, 5)
+        backend.open()
+        assert abs(backend.time_base(skewed)() - time.time()) < 5
+    finally:
+        backend.close()
