@@ -44,6 +44,10 @@ RETRY_SAMPLE = 5.0      # ... after a reading failed
 DEADLOCK_TRIES = 3      # a lot of verdicts that deadlocked with another host's is retried
 
 logger = logging.getLogger(__name__)
+# psycopg_pool warns of every failed connection attempt, and with no handler
+# of greyd's on its logger Python printed each to standard error (the
+# journal): StoreHealth already tells an incident once, with its end.
+logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
 
 
 class PgBackend:

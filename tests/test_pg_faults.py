@@ -200,6 +200,9 @@ def test_the_daemon_starts_without_postgresql_and_heals(tmp_path, server, databa
     log = logfile.read_text()
     assert log.count("store failure") == 1 and log.count("store recovered") == 1, log
     assert "Traceback" not in log
+    # nor a line per connection attempt of the pool on standard error (the journal)
+    assert daemon.stderr.count("store failure") == 1
+    assert "error connecting" not in daemon.stderr, daemon.stderr
 
 
 # -- 2. Faults mid-traffic: every reply within the timeout, no thread stuck, healed ------------
