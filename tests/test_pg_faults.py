@@ -81,6 +81,14 @@ class Running:
     def flush(self) -> None:
         self.ctx.greylister.recorder.flush()
 
+    def stop(self) -> float:
+        """Stop it (once); the seconds that took."""
+        started = time.monotonic()
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+        return time.monotonic() - started
+
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory, pg_server):
@@ -117,7 +125,7 @@ def run_greyd(tmp_path, clock):
 
     yield start
     for each in running:
-        each.daemon.stop()
+        each.stop()
 
 
 def rcpt(port: int, recipient: str,
@@ -265,6 +273,8 @@ def recorded_since(traffic: Traffic, greyd: Running, url: str, moment: float) ->
 
 
 def settled_threads(baseline: int) -> int:
+    """This process's thread count once back to `baseline` (idle session
+    threads end after a while), else after 5 s."""
     return until(lambda: threading.active_count() <= baseline and threading.active_count(),
                  5) or threading.active_count()
 
@@ -288,7 +298,7 @@ def test_replies_stay_within_the_timeout_and_the_pool_heals(server, database, ru
     greyd.flush()
     baseline = threading.active_count()
     with Traffic(greyd.port) as traffic:
-        time.sleep(0.5)
+        time.sleep(0.3)
         break_it(server)
         time.sleep(FAULT)
         mend_it(server)
@@ -343,7 +353,8 @@ class Silent:
 
 def test_a_connect_that_never_completes_holds_no_reply(run_greyd, logs):
     """The database URL leads to a listener that never answers: greyd starts,
-    and every RCPT is answered per on_store_error within the timeout."""
+    every RCPT is answered per on_store_error within the timeout, and a
+    stop meanwhile is not held up by the store."""
     with Silent() as silent:
         url = f"postgresql://postgres:x@127.0.0.1:{silent.port}/greyd"
         started = time.monotonic()
@@ -359,6 +370,13 @@ def test_a_connect_that_never_completes_holds_no_reply(run_greyd, logs):
         assert {reply for _, _, _, reply in traffic.replies} == {LOCAL_ERROR}
         assert settled_threads(baseline) <= baseline
         assert store_lines(logs) == (1, 0)
+        with Traffic(greyd.port, clients=2):     # stopped while sessions wait on the store
+            time.sleep(0.3)
+            took = greyd.stop()
+        print(f"silent: stopped in {took:.2f} s")
+        # the sessions' grace (1 s), then the pool's workers end their connect
+        # attempts (libpq's connect_timeout: 2 s at least) one after the other
+        assert took < 8
 
 
 def test_the_daemon_keeps_no_thread_stuck_on_a_hung_server(tmp_path, server, database):
