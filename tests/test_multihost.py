@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import base_sections, merge, toml, until
+from conftest import merge, until, write_config
 from daemon import GREYD, Foreground, greyd, wait_listening
 from greyd import config as configuration, policy
 from greyd.greylist import Greylister, backend_for
@@ -45,18 +45,13 @@ BODY = b"Subject: multihost\r\n\r\nHello.\r\n"
 def host_config(root: Path, upstream_port: int, url: str, port: int | None = None,
                 **overrides) -> Path:
     """conftest's base config for a host at `root`, its store the PostgreSQL `url`."""
-    sections = merge(base_sections(root, upstream_port), {
+    return write_config(root, upstream_port, **merge({
         "server": {"listen": [f"127.0.0.1:{port or free_port()}"], "workers": 2,
                    "max_connections_per_client": 50},
         "greylist": {"delay": DELAY, "auto_whitelist_after": AUTO_AFTER},
         "log": {"file": str(root / "var/log/greyd.log")},
-    })
-    sections = merge(sections, overrides)
-    sections["database"] = {"url": url, "timeout": "2s"}
-    path = root / "etc" / "greyd.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(toml(sections))
-    return path
+        "database": {"url": url, "timeout": "2s"},
+    }, overrides))
 
 
 @dataclass
