@@ -130,11 +130,12 @@ def _explanation(request, verdict: policy.Verdict, seen: policy.Seen | None) -> 
 # -- command modules: each registers its commands here ------------------------------
 from .cli_daemon import reload, reopen_logs, start, status, stop  # noqa: E402
 from .cli_setup import setup  # noqa: E402
+from .cli_store import store  # noqa: E402
 from .cli_maintenance import cleanup, stats, triplets  # noqa: E402
 from .cli_whitelist import whitelist  # noqa: E402
 
 for command in (start, stop, status, reload, reopen_logs, whitelist, triplets, cleanup,
-                stats, setup):
+                stats, setup, store):
     cli.add_command(command)
 
 

@@ -15,13 +15,15 @@ a host gone from the network) by `Watchdog`, which cuts the socket of a
 connection held past its deadline, so no thread is left stuck. The pool
 opens its connections in the background and keeps trying while the server
 is away; a database that appears, or comes back, is set up or used again
-by itself. It is created in the process that uses it (after the fork).
+by itself, and a pooled connection its restart or crash left dead is
+found when lent (one poll, no round trip) and replaced within the bound. It is created in the process that uses it (after the fork).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -43,6 +45,10 @@ RETRY_SAMPLE = 5.0      # ... after a reading failed
 DEADLOCK_TRIES = 3      # a lot of verdicts that deadlocked with another host's is retried
 
 logger = logging.getLogger(__name__)
+# psycopg_pool warns of every failed connection attempt, and with no handler
+# of greyd's on its logger Python printed each to standard error (the
+# journal): StoreHealth already tells an incident once, with its end.
+logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
 
 
 class PgBackend:
@@ -132,8 +138,17 @@ class PgBackend:
                 store.migrate()
             self._ready = True
 
-    def _borrow(self) -> tuple[psycopg.Connection, PgStore]:
-        raw = self._connections().getconn(timeout=self.timeout)
+    def _borrow(self, deadline: float) -> tuple[psycopg.Connection, PgStore]:
+        """A pooled connection by `deadline`; those the server has closed
+        meanwhile (a restart, a crash) are dropped on the way, so a client
+        never pays for them with a store error."""
+        pool = self._connections()
+        while True:
+            raw = pool.getconn(timeout=max(0.0, deadline - time.monotonic()))
+            if not _stale(raw):
+                break
+            raw.close()
+            self._give_back(raw)            # the pool opens another in its place
         store = self._stores.get(raw)
         if store is None:
             store = self._stores[raw] = PgStore(Connection(raw))
@@ -163,7 +178,7 @@ class _Lease:
     def __enter__(self) -> PgStore | Facts:
         deadline = time.monotonic() + self.backend.timeout
         try:
-            self.raw, store = self.backend._borrow()
+            self.raw, store = self.backend._borrow(deadline)
         except psycopg.Error as error:
             raise StoreError(_one_line(error)) from error
         self.backend.watchdog.arm(self.raw, deadline)
@@ -221,6 +236,20 @@ class Watchdog:
                     self._wake.set()
 
 
+def _stale(raw: psycopg.Connection) -> bool:
+    """Whether an idle connection is past use: the server says nothing
+    unasked, so anything to read is its farewell (a FATAL message) or the
+    end of the stream. One poll, no round trip."""
+    if raw.closed or raw.broken:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(raw.pgconn.socket, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        return True
+
+
 def _cut(raw: psycopg.Connection) -> None:
     try:
         fd = raw.pgconn.socket
@@ -235,19 +264,27 @@ def _cut(raw: psycopg.Connection) -> None:
 class ServerClock:
     """A host's clock set to the database server's: the local clock plus the
     offset read from the server (half a round trip allowed for), once a
-    minute; until the first reading, the local clock."""
+    minute; until the first reading, the local clock. A reading is taken
+    beside the decisions, by a thread of its own, never in their way: a
+    server that does not answer would cost one of them database.timeout.
+    The first is taken at once when the store is known to answer."""
 
     def __init__(self, backend: PgBackend, local: Callable[[], float]):
         self.backend, self.local = backend, local
         self.offset = 0.0
         self._next = 0.0
+        self._reading = threading.Lock()    # one reading at a time
+        if backend._ready:
+            self._sample()
 
     def __call__(self) -> float:
-        if time.monotonic() >= self._next:
-            self._sample()
+        if time.monotonic() >= self._next and self._reading.acquire(blocking=False):
+            self._next = time.monotonic() + RETRY_SAMPLE
+            threading.Thread(target=self._sample, args=(True,), name="greyd-pg-clock",
+                             daemon=True).start()
         return self.local() + self.offset
 
-    def _sample(self) -> None:
+    def _sample(self, release: bool = False) -> None:
         self._next = time.monotonic() + RETRY_SAMPLE
         try:
             with _Lease(self.backend) as store:
@@ -256,6 +293,9 @@ class ServerClock:
                 after = self.local()
         except StoreError:
             return
+        finally:
+            if release:
+                self._reading.release()
         self.offset = server - (before + after) / 2
         self._next = time.monotonic() + SAMPLE_EVERY
 

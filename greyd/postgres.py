@@ -18,8 +18,9 @@ and cleanup's walk in key order agree on both.
 from __future__ import annotations
 
 import re
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
+from typing import Iterator
 
 import psycopg
 from psycopg import conninfo
@@ -93,6 +94,21 @@ class Connection:
 
     def transaction(self) -> AbstractContextManager:
         return self.raw.transaction()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read-only transaction whose reads all see the same moment
+        (REPEATABLE READ): a copy of the whole store (storecopy.py)."""
+        raw = self.raw
+        saved = raw.isolation_level, raw.read_only
+        raw.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        raw.read_only = True
+        try:
+            with raw.transaction():
+                yield
+        finally:
+            if not raw.closed:       # a lost connection keeps its error, not the setter's
+                raw.isolation_level, raw.read_only = saved
 
     def close(self) -> None:
         self.raw.close()

@@ -72,16 +72,21 @@ class Queries:
     # -- what a decision writes ------------------------------------------------
 
     def record(self, decisions: Sequence[Decision], sessions: Sessions = {}) -> None:
-        """Remember decisions, in order, and count them and the sessions that
-        ended, in one transaction.
+        """Remember decisions, and count them and the sessions that ended, in
+        one transaction.
 
         A run of new (or restarted) triplets, all a flood of spam brings, goes
         in a few multi-row statements rather than one statement each.
+
+        Table after table (triplets, auto_whitelist, counters), each in key
+        order: two hosts' (or two workers') lots lock the rows they share in
+        the same order, so neither waits on the other in a cycle. The sort is
+        stable, so the decisions about one key keep their order.
         """
         counts: Counter[tuple[int, str, str]] = Counter()
         with self._write_lock, transaction(self.conn):
             fresh: list[tuple] = []
-            for verdict, clock, max_age in decisions:
+            for verdict, clock, max_age in sorted(decisions, key=_by_triplet):
                 now = int(clock)
                 minute = now - now % COUNTER_MINUTES
                 counts[minute, verdict.action, counter_reason(verdict.reason)] += 1
@@ -91,15 +96,16 @@ class Queries:
                     fresh.append((t.network, t.sender, t.recipient, clock, now))
                     continue
                 self._insert_fresh(fresh)
-                self._apply(verdict, now, max_age)
+                self._apply(verdict, now)
             self._insert_fresh(fresh)
+            for verdict, clock, max_age in sorted(decisions, key=_by_network):
+                self._apply_network(verdict, int(clock), max_age)
             for (hour, kind), n in sessions.items():
                 counts[hour, SESSION, kind] += n
             self.conn.executemany(
                 "INSERT INTO counters (hour, action, reason, count) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (hour, action, reason) DO UPDATE SET"
                 " count = counters.count + excluded.count",
-                # In key order: two hosts' lots lock shared rows in the same order.
                 [(*key, n) for key, n in sorted(counts.items())])
 
     def _insert_fresh(self, rows: list[tuple]) -> None:
@@ -117,8 +123,9 @@ class Queries:
             chunk, rows[:size] = rows[:size], []
             self.conn.execute(_fresh_sql(size), [v for row in chunk for v in row])
 
-    def _apply(self, verdict: Verdict, now: int, max_age: int) -> None:
-        """Every update but NEW and RESTART, which `record` inserts in runs."""
+    def _apply(self, verdict: Verdict, now: int) -> None:
+        """A decision's write to its triplet, but NEW and RESTART, which
+        `record` inserts in runs."""
         update, t = verdict.update, verdict.triplet
         key = (t.network, t.sender, t.recipient) if t else ()
         if update == policy.EARLY:
@@ -129,8 +136,11 @@ class Queries:
             self.conn.execute(
                 "UPDATE triplets SET last_seen = ?, passed_at = coalesce(passed_at, ?)"
                 " WHERE network = ? AND sender = ? AND recipient = ?", (now, now, *key))
-            self._count_delivery(verdict.network, now, max_age)
-        elif update == policy.COUNT:
+
+    def _apply_network(self, verdict: Verdict, now: int, max_age: int) -> None:
+        """A decision's write to its network's auto-whitelist entry, if any."""
+        update = verdict.update
+        if update in (policy.PASS, policy.KNOWN, policy.COUNT):
             self._count_delivery(verdict.network, now, max_age)
         elif update == policy.AUTO:
             self.conn.execute(
@@ -251,6 +261,15 @@ def _fresh_sql(rows: int) -> str:
             + " ON CONFLICT (network, sender, recipient) DO UPDATE SET"
               " first_seen = excluded.first_seen, last_seen = excluded.last_seen,"
               " passed_at = NULL")
+
+
+def _by_triplet(decision: Decision) -> tuple:
+    triplet = decision.verdict.triplet
+    return tuple(triplet) if triplet is not None else ()
+
+
+def _by_network(decision: Decision) -> str:
+    return decision.verdict.network
 
 
 def _check_kind(kind: str) -> None:

@@ -80,9 +80,13 @@ def base_sections(root: Path, upstream_port: int) -> dict:
 
 
 def write_config(root: Path, upstream_port: int, **overrides) -> Path:
+    """conftest's config with `overrides`; a database `url` replaces the file."""
+    sections = merge(base_sections(root, upstream_port), overrides)
+    if sections["database"].get("url"):
+        sections["database"].pop("path", None)
     path = root / "etc" / "greyd.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(toml(merge(base_sections(root, upstream_port), overrides)))
+    path.write_text(toml(sections))
     return path
 
 
@@ -304,3 +308,39 @@ def pg_url(pg_server) -> str:
     url = pg_server.create_database(name)
     yield url
     pg_server.drop_database(name)
+
+
+# -- either store: the decision and CLI tests run on SQLite and on PostgreSQL -----------------
+
+@dataclass
+class Database:
+    """The store a parametrized test runs on: `section` is its [database]
+    section (conftest's file, or a fresh PostgreSQL database); `open()` a
+    migrated connection of the test's own, with greyd's queries."""
+
+    kind: str
+    section: dict
+
+    def open(self):
+        if self.kind == "sqlite":
+            path = Path(self.section["path"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = Store(path)
+        else:
+            from greyd.postgres import PgStore
+            store = PgStore.open(self.section["url"], timeout=5)
+        store.migrate()
+        return store
+
+    def rows(self, table: str) -> list[tuple]:
+        """Every row of `table`, sorted, as plain tuples."""
+        with self.open() as store:
+            return sorted(tuple(row) for row in store.conn.execute(f"SELECT * FROM {table}"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request, tmp_path) -> Database:
+    """conftest's SQLite file, then a fresh database on the run's PostgreSQL server."""
+    if request.param == "sqlite":
+        return Database("sqlite", {"path": str(tmp_path / "var" / "greyd.db")})
+    return Database("postgresql", {"url": request.getfixturevalue("pg_url")})

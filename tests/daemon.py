@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -113,3 +114,15 @@ def descriptors(pid: int, database: str) -> dict[str, int]:
         else:
             kinds["other"] += 1
     return kinds
+
+
+# -- SQLite ---------------------------------------------------------------------------------
+
+def take_backup(db: Path, backup: Path) -> None:
+    """A consistent copy of the SQLite database `db` at `backup` (SQLite's backup API)."""
+    source, target = sqlite3.connect(db), sqlite3.connect(backup)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()

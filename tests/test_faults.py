@@ -40,7 +40,7 @@ from greyd.policy import Triplet
 from greyd.pool import StorePool
 from greyd.store import Store
 from conftest import until
-from daemon import ROOT, UNPRIVILEGED, Foreground, config_for, wait_listening
+from daemon import ROOT, UNPRIVILEGED, Foreground, config_for, take_backup, wait_listening
 from smtpclient import Raw
 from upstream import Upstream, free_port
 
@@ -563,15 +563,6 @@ def deliver_at_once(port: int, sessions) -> list:
 def wait_for_line(logfile: Path, text: str) -> None:
     assert until(lambda: logfile.exists() and text in logfile.read_text(), 30), \
         f"{text!r} was never logged"
-
-
-def take_backup(db: Path, backup: Path) -> None:
-    source, target = sqlite3.connect(db), sqlite3.connect(backup)
-    try:
-        source.backup(target)
-    finally:
-        source.close()
-        target.close()
 
 
 def greylisted(reply) -> bool:

@@ -2,14 +2,14 @@
 
 The Greylister decides, queues the verdict for the store, logs the decision
 line; `explain` runs the same decision and changes nothing; a store that
-fails gives greylist.on_store_error. Real SQLite files in tmp_path, a clock
+fails gives greylist.on_store_error. On real stores, a SQLite file in
+tmp_path and a PostgreSQL database (conftest's `any_database`), with a clock
 moved by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from contextlib import contextmanager
 
 import pytest
@@ -18,8 +18,7 @@ from conftest import MemoryFacts
 from smtpclient import deliver
 
 from greyd import config as configuration, policy
-from greyd.greylist import Greylister
-from greyd.pool import StorePool
+from greyd.greylist import Greylister, backend_for
 from greyd.policy import Request, Seen
 from greyd.storage import StoreError
 
@@ -39,16 +38,20 @@ def config(tmp_path):
         database=dataclasses.replace(base.database, path=tmp_path / "var" / "greyd.db"))
 
 
-def rows(config) -> list[list[tuple]]:
-    conn = sqlite3.connect(config.database.path)
-    try:
-        return [sorted(conn.execute(f"SELECT * FROM {table}").fetchall())
-                for table in ("triplets", "auto_whitelist", "counters", "whitelist")]
-    finally:
-        conn.close()
+@pytest.fixture
+def any_config(config, any_database):
+    """`config` on SQLite, then on PostgreSQL."""
+    return dataclasses.replace(config, database=dataclasses.replace(
+        config.database, **any_database.section))
 
 
-def test_decide_queues_the_verdict_and_logs_the_decision(config, clock, logs):
+def rows(database) -> list[list[tuple]]:
+    return [database.rows(table)
+            for table in ("triplets", "auto_whitelist", "counters", "whitelist")]
+
+
+def test_decide_queues_the_verdict_and_logs_the_decision(any_config, clock, logs):
+    config = any_config
     greylister = Greylister.open(config, clock=clock)
     try:
         first = greylister.decide(REQUEST, "5e55105e55")
@@ -67,23 +70,28 @@ def test_decide_queues_the_verdict_and_logs_the_decision(config, clock, logs):
         " from=Alice+news@Sender.example to=bob@localhost action=greylist reason=new"
         " delay=0 retry_in=300")
     assert len(lines) == 3 and "reason=passed delay=360 retry_in=0" in lines[2]
-    with StorePool(config.database.path).facts(TRIPLET.network, TRIPLET) as facts:
+    backend = backend_for(config)
+    with backend.facts(TRIPLET.network, TRIPLET) as facts:
         assert facts.seen(TRIPLET) == Seen(int(clock.now) - 360, int(clock.now),
                                            int(clock.now))
+    backend.close()
 
 
-def test_explain_decides_the_same_and_changes_nothing(config, clock, logs):
+def test_explain_decides_the_same_and_changes_nothing(any_config, any_database, clock,
+                                                     logs):
+    config = any_config
     greylister = Greylister.open(config, clock=clock)
     greylister.decide(REQUEST)
     greylister.close()
-    before, lines = rows(config), len(logs.messages)
+    before, lines = rows(any_database), len(logs.messages)
     clock.advance(100)
-    verdict, seen, _ = Greylister(config, StorePool(config.database.path),
-                               clock=clock).explain(REQUEST)
+    explaining = Greylister(config, backend_for(config), clock=clock)
+    verdict, seen, _ = explaining.explain(REQUEST)
+    explaining.close()
     assert (verdict.action, verdict.reason, verdict.retry_in) == (policy.GREYLIST,
                                                                   "too-early", 200)
     assert seen == Seen(T, T, None)
-    assert rows(config) == before
+    assert rows(any_database) == before
     assert len(logs.messages) == lines
 
 
@@ -120,8 +128,8 @@ def test_a_failing_store_gives_on_store_error_and_is_logged_once(config, clock, 
     assert len(logs.matching(r"^decision ")) == 5
 
 
-def test_the_store_recovering_is_logged(config, clock, logs):
-    greylister = Greylister.open(config, clock=clock)
+def test_the_store_recovering_is_logged(any_config, clock, logs):
+    greylister = Greylister.open(any_config, clock=clock)
     working = greylister.backend
     greylister.backend = BrokenStore()
     assert greylister.decide(REQUEST).reason == "store-error"
@@ -196,11 +204,12 @@ def test_a_store_other_than_sqlite_serves_sessions_unchanged(start_greyd, upstre
     assert not (g.config.database.path).exists()
 
 
-def test_the_delay_is_the_delay_to_the_fraction_of_a_second(config, clock, logs):
+def test_the_delay_is_the_delay_to_the_fraction_of_a_second(any_config, clock, logs):
     """A first attempt at :40.933 with a 3 s delay: a retry at :43.084 is too
     early (2.151 s), as is one at :43.932; one at :43.933 passes, and it
     reports the 3 s the sender really waited."""
-    config = dataclasses.replace(config, greylist=dataclasses.replace(config.greylist, delay=3))
+    config = dataclasses.replace(any_config, greylist=dataclasses.replace(
+        any_config.greylist, delay=3))
     greylister = Greylister.open(config, clock=clock)
     clock.now = T + 0.933
     assert greylister.decide(REQUEST).reason == "new"

@@ -1,8 +1,9 @@
 """The operator's toolkit: `greyd triplets list|delete`, `greyd cleanup`, `greyd stats`,
 and the cron wrapper scripts/greyd-cleanup.
 
-The commands run as the real `greyd` in a subprocess against real SQLite files
-filled with realistic rows (timestamps relative to now and to the config's
+The commands run as the real `greyd` in a subprocess against real stores, a
+SQLite file and a PostgreSQL database (conftest's `any_database`), filled with
+realistic rows (timestamps relative to now and to the config's
 retry_window / max_age). The concurrency promise (SPEC §9: cleanup and traffic
 at the same time, no client sees an error) is shown against a real daemon
 (`greyd start --foreground`) and a real aiosmtpd upstream.
@@ -23,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_config
+from conftest import Database, write_config
 from greyd import cli_maintenance, maintenance
+from greyd.queries import transaction
 from greyd.store import Store
 from daemon import GREYD, Foreground, config_for, greyd, wait_listening
 from smtpclient import deliver
@@ -39,8 +41,11 @@ CRON = Path(__file__).resolve().parent.parent / "etc" / "greyd.cron"
 TRIPLET_SQL = "INSERT INTO triplets VALUES (?, ?, ?, ?, ?, ?)"
 
 
-def make_config(tmp_path: Path, **overrides) -> Path:
-    """A config for the CLI alone (no daemon runs; the upstream port is never dialled)."""
+def make_config(tmp_path: Path, db=None, **overrides) -> Path:
+    """A config for the CLI alone (no daemon runs; the upstream port is never dialled),
+    on conftest's SQLite file or on the store `db` (a conftest.Database)."""
+    if db is not None:
+        overrides["database"] = db.section
     overrides["greylist"] = {"retry_window": "2d", "max_age": "20d",
                              **overrides.get("greylist", {})}
     return write_config(tmp_path, free_port(), **overrides)
@@ -55,7 +60,7 @@ def open_db(tmp_path: Path) -> Store:
 
 
 def fill(store: Store, triplets=(), auto=()) -> None:
-    with store.db.atomic():
+    with transaction(store.conn):
         store.conn.executemany(TRIPLET_SQL, triplets)
         store.conn.executemany("INSERT INTO auto_whitelist VALUES (?, ?, ?, ?, ?)", auto)
 
@@ -96,9 +101,9 @@ def key(row: tuple) -> tuple:
 
 
 @pytest.fixture
-def sample(tmp_path) -> Path:
-    config = make_config(tmp_path)
-    with open_db(tmp_path) as store:
+def sample(tmp_path, any_database) -> Path:
+    config = make_config(tmp_path, any_database)
+    with any_database.open() as store:
         fill(store, SAMPLE)
     return config
 
@@ -198,8 +203,7 @@ def test_list_of_a_database_that_does_not_exist_is_refused_and_creates_nothing(t
     assert not (tmp_path / "var" / "greyd.db").exists()
 
 
-def test_delete_removes_exactly_what_matches(sample):
-    database = sample.parent.parent / "var" / "greyd.db"
+def test_delete_removes_exactly_what_matches(sample, any_database):
     dry = greyd("triplets", "delete", "--client", "192.0.2.9", "--dry-run", config=sample)
     assert dry.returncode == 0 and dry.stdout == "would delete 2 triplets\n"
     assert len(listed(sample, "--limit", "0")) == 5
@@ -215,8 +219,7 @@ def test_delete_removes_exactly_what_matches(sample):
     none = greyd("triplets", "delete", "--recipient", "nobody@localhost", config=sample)
     assert none.returncode == 0 and none.stdout == "deleted 0 triplets\n"
 
-    with Store(database) as store:
-        assert sorted(rows(store, "triplets")) == sorted([NULL_PENDING, SRS_PENDING])
+    assert any_database.rows("triplets") == sorted([NULL_PENDING, SRS_PENDING])
 
 
 def test_delete_refuses_without_a_filter_unless_all(sample):
@@ -234,9 +237,11 @@ def test_delete_refuses_without_a_filter_unless_all(sample):
 
 # -- cleanup --------------------------------------------------------------------------
 
-def expiring_store(tmp_path: Path, now: int) -> tuple[Path, dict[str, list], dict[str, list]]:
-    """A store with rows of each kind, some expired and some not; (config, expired, kept)."""
-    config = make_config(tmp_path)
+def expiring_store(db, tmp_path: Path, now: int) -> tuple[Path, dict[str, list],
+                                                         dict[str, list]]:
+    """The store `db` with rows of each kind, some expired and some not;
+    (config, expired, kept)."""
+    config = make_config(tmp_path, db)
     net, other = "203.0.113.0/24", "198.51.100.0/24"
     expired = {
         "triplets": [
@@ -271,7 +276,7 @@ def expiring_store(tmp_path: Path, now: int) -> tuple[Path, dict[str, list], dic
         "whitelist": [("client", "192.0.2.0/24", "partner", now - DAY, None),
                       ("sender", "@example.com", "until tomorrow", now - DAY, now + DAY)],
     }
-    with open_db(tmp_path) as store:
+    with db.open() as store:
         fill(store, expired["triplets"] + kept["triplets"],
              expired["auto_whitelist"] + kept["auto_whitelist"])
         for kind, value, comment, added, expires in expired["whitelist"] + kept["whitelist"]:
@@ -279,10 +284,8 @@ def expiring_store(tmp_path: Path, now: int) -> tuple[Path, dict[str, list], dic
     return config, expired, kept
 
 
-def contents(tmp_path: Path) -> dict[str, list]:
-    with Store(tmp_path / "var" / "greyd.db") as store:
-        return {table: sorted(rows(store, table))
-                for table in ("triplets", "auto_whitelist", "whitelist")}
+def contents(db) -> dict[str, list]:
+    return {table: db.rows(table) for table in ("triplets", "auto_whitelist", "whitelist")}
 
 
 CLEANUP_LINES = [
@@ -294,22 +297,22 @@ CLEANUP_LINES = [
 ]
 
 
-def test_cleanup_dry_run_counts_and_changes_nothing(tmp_path):
-    config, _, _ = expiring_store(tmp_path, int(time.time()))
-    before = contents(tmp_path)
+def test_cleanup_dry_run_counts_and_changes_nothing(tmp_path, any_database):
+    config, _, _ = expiring_store(any_database, tmp_path, int(time.time()))
+    before = contents(any_database)
     result = greyd("cleanup", "--dry-run", config=config)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [line.format(verb="would remove")
                                           for line in CLEANUP_LINES]
-    assert contents(tmp_path) == before
+    assert contents(any_database) == before
 
 
-def test_cleanup_removes_exactly_the_expired_rows(tmp_path):
-    config, expired, kept = expiring_store(tmp_path, int(time.time()))
+def test_cleanup_removes_exactly_the_expired_rows(tmp_path, any_database):
+    config, expired, kept = expiring_store(any_database, tmp_path, int(time.time()))
     result = greyd("cleanup", config=config)
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.splitlines() == [line.format(verb="removed") for line in CLEANUP_LINES]
-    after = contents(tmp_path)
+    after = contents(any_database)
     assert after["triplets"] == sorted(kept["triplets"])
     assert after["auto_whitelist"] == sorted(kept["auto_whitelist"])
     assert [row[:2] for row in after["whitelist"]] == sorted(row[:2] for row in kept["whitelist"])
@@ -319,11 +322,11 @@ def test_cleanup_removes_exactly_the_expired_rows(tmp_path):
                                          for line in CLEANUP_LINES]
 
 
-def test_cleanup_quiet_prints_nothing_and_still_cleans(tmp_path):
-    config, _, kept = expiring_store(tmp_path, int(time.time()))
+def test_cleanup_quiet_prints_nothing_and_still_cleans(tmp_path, any_database):
+    config, _, kept = expiring_store(any_database, tmp_path, int(time.time()))
     result = greyd("cleanup", "--quiet", config=config)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
-    assert contents(tmp_path)["triplets"] == sorted(kept["triplets"])
+    assert contents(any_database)["triplets"] == sorted(kept["triplets"])
 
 
 def run_script(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -334,16 +337,17 @@ def run_script(*args: str, env_extra: dict | None = None) -> subprocess.Complete
 
 
 def test_cron_wrapper_is_silent_on_success(tmp_path):
-    config, _, kept = expiring_store(tmp_path, int(time.time()))
+    db = Database("sqlite", {"path": str(tmp_path / "var" / "greyd.db")})
+    config, _, kept = expiring_store(db, tmp_path, int(time.time()))
     result = run_script(env_extra={"GREYD_CONFIG": str(config)})
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
-    assert contents(tmp_path)["triplets"] == sorted(kept["triplets"])
+    assert contents(db)["triplets"] == sorted(kept["triplets"])
 
-    with open_db(tmp_path) as store:      # the config as an argument
+    with db.open() as store:      # the config as an argument
         fill(store, [("192.0.2.0/24", "late@example.net", "x@localhost", 1, 1, None)])
     result = run_script(str(config))
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
-    assert contents(tmp_path)["triplets"] == sorted(kept["triplets"])
+    assert contents(db)["triplets"] == sorted(kept["triplets"])
 
 
 def test_cron_wrapper_passes_failures_to_stderr(tmp_path):
@@ -610,20 +614,20 @@ def test_stats_counts_decisions_triplets_and_whitelists(tmp_path, upstream):
         assert re.search(rf"^ +{label} +{in_hour} +{in_day}$", out, re.M), label
 
 
-def test_stats_shows_each_count_once_over_the_last_60_minutes_and_24_hours(tmp_path):
+def test_stats_shows_each_count_once_over_the_last_60_minutes_and_24_hours(tmp_path,
+                                                                         any_database):
     """Counters are per minute: "last hour" is the last 60 minutes, not up to
     two clock hours; relay-denied, its own only reason, is shown once."""
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, any_database)
     now = int(time.time())
     minute = now - now % 60
-    with open_db(tmp_path) as store:
+    with any_database.open() as store, transaction(store.conn):
         store.conn.executemany("INSERT INTO counters VALUES (?, ?, ?, ?)", [
             (minute, "reject", "relay-denied", 2),
             (minute - 59 * 60, "reject", "relay-denied", 3),        # within the hour
             (minute - 61 * 60, "reject", "relay-denied", 5),        # the day's only
             (minute - 23 * HOUR, "greylist", "new", 7),             # the day's only
             (minute - 25 * HOUR, "greylist", "new", 11)])           # in neither
-        store.conn.commit()
     report = json.loads(greyd("stats", "--json", config=config).stdout)
     hour, day = report["decisions"]["hour"], report["decisions"]["day"]
     assert now - HOUR - 60 < hour["since"] <= now - HOUR
@@ -642,19 +646,17 @@ def test_stats_shows_each_count_once_over_the_last_60_minutes_and_24_hours(tmp_p
     assert "(counted per minute: the last 60 minutes, the last 24 hours)" in out
 
 
-def test_cleanup_prunes_counters_older_than_eight_days(tmp_path):
-    config = make_config(tmp_path)
+def test_cleanup_prunes_counters_older_than_eight_days(tmp_path, any_database):
+    config = make_config(tmp_path, any_database)
     now = int(time.time())
-    with open_db(tmp_path) as store:
+    with any_database.open() as store, transaction(store.conn):
         store.conn.executemany("INSERT INTO counters VALUES (?, ?, ?, ?)", [
             (now - now % 60, "greylist", "new", 1), (now - 7 * DAY, "greylist", "new", 1),
             (now - 9 * DAY, "greylist", "new", 1), (now - 30 * DAY, "accept", "known", 1)])
-        store.conn.commit()
     result = greyd("cleanup", config=config)
     assert result.returncode == 0, result.stderr
     assert "removed 2 decision counters (older than eight days)" in result.stdout
-    with open_db(tmp_path) as store:
-        assert store.conn.execute("SELECT count(*) FROM counters").fetchone() == (2,)
+    assert len(any_database.rows("counters")) == 2
 
 
 # -- stats: what greylisting cost the mail that passed ------------------------------------------
@@ -693,9 +695,9 @@ DELAYED = [
 ]
 
 
-def test_greylist_delay_over_the_day_and_week_by_nearest_rank(tmp_path):
+def test_greylist_delay_over_the_day_and_week_by_nearest_rank(tmp_path, any_database):
     """Nearest rank: the p-th percentile of n delays is the ceil(p/100 * n)-th smallest."""
-    with open_db(tmp_path) as store:
+    with any_database.open() as store:
         fill(store, DELAYED)
         report = maintenance.stats(store.conn, auto_whitelist_after=5, max_age=MAX_AGE, now=CLOCK)
     # day, sorted: 301 312 330 400 600 | 900 1200 3000 7200 9000: median rank 5, p90 rank 9
@@ -722,8 +724,8 @@ def test_greylist_delay_of_one_and_of_none(tmp_path):
     assert none["greylist_delay"]["week"]["passed"] == 0 and none["held_longest"] == []
 
 
-def test_held_longest_names_the_five_sender_domains_held_longest_in_the_week(tmp_path):
-    with open_db(tmp_path) as store:
+def test_held_longest_names_the_five_sender_domains_held_longest_in_the_week(tmp_path, any_database):
+    with any_database.open() as store:
         fill(store, DELAYED)
         held = maintenance.held_longest(store.conn, CLOCK - 7 * DAY, CLOCK)
     assert held == [
@@ -734,7 +736,7 @@ def test_held_longest_names_the_five_sender_domains_held_longest_in_the_week(tmp
         {"domain": "bounce.example", "passed": 1, "max": 3000, "median": 3000},
         {"domain": "relay.example", "passed": 1, "max": 900, "median": 900},  # after the last @
     ]   # lists.example.org (330, SPF-keyed or not), other.example, tiny.example: held less
-    with open_db(tmp_path) as store:
+    with any_database.open() as store:
         assert maintenance.held_longest(store.conn, CLOCK - 7 * DAY, CLOCK, limit=9)[5:] == [
             {"domain": "lists.example.org", "passed": 2, "max": 330, "median": 301},
             {"domain": "tiny.example", "passed": 1, "max": 305, "median": 305},
@@ -748,10 +750,10 @@ def test_durations_as_stats_shows_them(seconds, shown):
     assert cli_maintenance.duration(seconds) == shown
 
 
-def test_stats_command_shows_the_greylisting_delay(tmp_path):
-    config = make_config(tmp_path)
+def test_stats_command_shows_the_greylisting_delay(tmp_path, any_database):
+    config = make_config(tmp_path, any_database)
     now = int(time.time())
-    with open_db(tmp_path) as store:
+    with any_database.open() as store:
         fill(store, [
             ("192.0.2.0/24", "alice@example.net", "bob@localhost", now - HOUR - 312, now - HOUR,
              now - HOUR),
@@ -786,9 +788,9 @@ def test_stats_command_shows_the_greylisting_delay(tmp_path):
         assert re.search(rf"^  {re.escape(domain)} +{n} +{longest} +{median}$", out, re.M)
 
 
-def test_stats_command_with_no_mail_delayed_says_so(tmp_path):
-    config = make_config(tmp_path)
-    with open_db(tmp_path) as store:
+def test_stats_command_with_no_mail_delayed_says_so(tmp_path, any_database):
+    config = make_config(tmp_path, any_database)
+    with any_database.open() as store:
         fill(store, [("192.0.2.0/24", "a@example.net", "b@localhost", int(time.time()) - 60,
                       int(time.time()) - 60, None)])          # pending: delayed, not passed
     human = greyd("stats", config=config)

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import until
-from daemon import Foreground, config_for, greyd, wait_listening
+from daemon import Foreground, config_for, greyd, take_backup, wait_listening
 from greyd import config as configuration, metrics
 from greyd.values import ConfigError
 from smtpclient import Raw, deliver
@@ -100,15 +100,6 @@ def test_one_process_counts_decisions_sessions_relays_and_open_connections(
     assert total(figures, "greyd_dns_failures_total") == 0
     assert value(after, "greyd_sessions_total", end="disconnect") == 2
     assert value(after, "greyd_session_seconds_count") == 6
-
-
-def take_backup(db: Path, backup: Path) -> None:
-    source, target = sqlite3.connect(db), sqlite3.connect(backup)
-    try:
-        source.backup(target)
-    finally:
-        source.close()
-        target.close()
 
 
 def stored(db: Path) -> int:

@@ -1,7 +1,8 @@
 """`greyd whitelist add | remove | list | import` and greyd.whitelist's normalizers.
 
 The commands run as an administrator runs them: the real `greyd` command in a
-subprocess, on a real SQLite file; the live tests change the whitelist of a
+subprocess, on a real SQLite file and on a real PostgreSQL database (conftest's
+`any_database`, for every command that reads or writes the store); the live tests change the whitelist of a
 running `greyd start --foreground` in front of a real aiosmtpd upstream and
 show the next connection decided by it, with no restart.
 """
@@ -36,9 +37,17 @@ T = 1_700_000_000
 
 
 @pytest.fixture
-def config(tmp_path) -> Path:
-    """A config whose database is in tmp_path, created empty as `greyd start`
-    would; nothing listens (no daemon)."""
+def config(tmp_path, any_database) -> Path:
+    """A config whose store (SQLite in tmp_path, then PostgreSQL) is created
+    empty as `greyd start` would; nothing listens (no daemon)."""
+    path = write_config(tmp_path, 10025, database=any_database.section)
+    any_database.open().close()
+    return path
+
+
+@pytest.fixture
+def plain_config(tmp_path) -> Path:
+    """`config` on SQLite only: for what fails before the store is opened."""
     path = write_config(tmp_path, 10025)
     (tmp_path / "var").mkdir(exist_ok=True)
     with Store(tmp_path / "var" / "greyd.db") as store:
@@ -243,10 +252,17 @@ def test_reading_postgrey_lines():
     assert recipients[5][0] is None and "/x(/ does not compile" in recipients[5][1]
 
 
-# -- the store's whitelist methods (conftest's `store`) ---------------------------
+# -- the store's whitelist methods, on either store ---------------------------------
 
-def version(store: Store) -> int:
-    return store.conn.execute("SELECT value FROM meta WHERE key = 'whitelist_version'").fetchone()[0]
+@pytest.fixture
+def store(any_database):
+    with any_database.open() as opened:
+        yield opened
+
+
+def version(store) -> int:
+    return int(store.conn.execute(
+        "SELECT value FROM meta WHERE key = 'whitelist_version'").fetchone()[0])
 
 
 def test_re_adding_an_entry_unchanged_does_not_make_the_daemon_reload(store):
@@ -346,8 +362,9 @@ def test_adding_twice_is_not_an_error_and_updates_the_comment(config):
     assert (entry["value"], entry["comment"]) == ("@example.org", "partner, renewed")
 
 
-def test_either_form_of_an_idn_is_one_entry_and_explain_reads_both(tmp_path):
-    config = write_config(tmp_path, 10025, relay={"domains": ["b\u00fccher.example"]})
+def test_either_form_of_an_idn_is_one_entry_and_explain_reads_both(tmp_path, any_database):
+    config = write_config(tmp_path, 10025, relay={"domains": ["b\u00fccher.example"]},
+                          database=any_database.section)
     first = run(config, "add", "--recipient", "@B\u00fcCHER.example")
     assert first.returncode == 0 and first.stdout == (
         "added: recipient @xn--bcher-kva.example (given as @B\u00fcCHER.example)\n")
@@ -424,11 +441,8 @@ def test_re_adding_keeps_the_expiry_unless_told_and_says_what_happened(config):
     assert abs(expiry(config, "@example.org") - (time.time() + 86400)) < 60
 
 
-def test_re_adding_an_expired_entry_renews_it_as_a_new_one(config):
-    database = config.parent.parent / "var/greyd.db"      # where conftest's config keeps it
-    database.parent.mkdir(exist_ok=True)
-    with Store(database) as store:
-        store.migrate()
+def test_re_adding_an_expired_entry_renews_it_as_a_new_one(config, any_database):
+    with any_database.open() as store:
         store.add_whitelist("client", "192.0.2.0/24", expires=T, now=T - 60)
     renewed = run(config, "add", "--client", "192.0.2.0/24")
     assert renewed.stdout == ("already in the whitelist: client 192.0.2.0/24, "
@@ -463,8 +477,10 @@ example.org                    # the whole domain
 """
 
 
-def test_recipient_patterns_are_imported_added_removed_and_matched(tmp_path):
-    config = write_config(tmp_path, 10025, relay={"domains": ["localhost", "example.net", ".example.net"]})
+def test_recipient_patterns_are_imported_added_removed_and_matched(tmp_path, any_database):
+    config = write_config(tmp_path, 10025,
+                          relay={"domains": ["localhost", "example.net", ".example.net"]},
+                          database=any_database.section)
     path = tmp_path / "whitelist_recipients"
     path.write_text(RECIPIENTS_FILE)
     result = run(config, "import", "--kind", "recipient", str(path))
@@ -530,14 +546,15 @@ def test_expires_is_listed_and_an_expired_entry_no_longer_matches(config):
     (["--client", "192.0.2.1", "--expires", "0"], "greyd: --expires: must be more than 0"),
     (["--client", "192.0.2.1", "--comment", "two\nlines"], "greyd: --comment: no control"),
 ])
-def test_invalid_input_is_one_line_and_exit_1(config, args, message):
-    assert one_line_error(run(config, "add", *args)).startswith(message)
-    assert listed(config) == []
+def test_invalid_input_is_one_line_and_exit_1(plain_config, args, message):
+    assert one_line_error(run(plain_config, "add", *args)).startswith(message)
+    assert listed(plain_config) == []
 
 
 @pytest.mark.parametrize("args", [
     [], ["--client", "192.0.2.1", "--sender", "@example.org"], ["--comment", "nothing"]])
-def test_not_exactly_one_selector_is_a_usage_error(config, args):
+def test_not_exactly_one_selector_is_a_usage_error(plain_config, args):
+    config = plain_config
     for command in ("add", "remove"):
         if command == "remove" and "--comment" in args:
             continue
@@ -547,7 +564,8 @@ def test_not_exactly_one_selector_is_a_usage_error(config, args):
         assert "Traceback" not in result.stderr
 
 
-def test_every_command_shows_an_example_in_its_help(config):
+def test_every_command_shows_an_example_in_its_help(plain_config):
+    config = plain_config
     for command in ([], ["add"], ["remove"], ["list"], ["import"]):
         result = run(config, *command, "--help")
         assert result.returncode == 0
@@ -621,9 +639,9 @@ def test_import_of_recipients_with_a_comment_of_ones_own(config, tmp_path):
     assert {(e["kind"], e["comment"]) for e in listed(config)} == {("recipient", "from postgrey")}
 
 
-def test_an_unreadable_import_file_is_one_line_and_exit_1(config, tmp_path):
+def test_an_unreadable_import_file_is_one_line_and_exit_1(plain_config, tmp_path):
     missing = tmp_path / "nowhere"
-    assert one_line_error(run(config, "import", str(missing))) == \
+    assert one_line_error(run(plain_config, "import", str(missing))) == \
         f"greyd: cannot read {missing}: No such file or directory"
 
 
