@@ -283,7 +283,7 @@ def test_an_unreachable_target_is_one_line_without_the_password(tmp_path):
     result = copy(config_for(tmp_path, "source", path=source), url)
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
-    assert line.startswith(f"greyd: database: postgresql://greyd:***@127.0.0.1:")
+    assert line.startswith("greyd: database: postgresql://greyd:***@127.0.0.1:")
     assert "Connection refused" in line and PASSWORD not in result.stdout + line
 
 
