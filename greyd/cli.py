@@ -8,6 +8,7 @@ never a traceback. Listings take --json for scripts.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sqlite3
 import sys
@@ -17,12 +18,27 @@ import click
 from . import __version__, policy, replies
 from .clitools import (GreydError, describe, echo_json, load_certificate, load_config,
                        open_greylister, when)
-from .dns import NO_SPF, Lookup
 from .ip import client_address
 from .storage import StoreError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """The group, whose commands from cli_*.py (COMMANDS) are imported only
+    when run or listed: `greyd whitelist add` need not load the daemon's
+    modules, nor `greyd stop` the store's."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in COMMANDS and name not in self.commands:
+            module, attribute = COMMANDS[name].split(":")
+            self.add_command(getattr(importlib.import_module(f"{__package__}.{module}"),
+                                     attribute), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-c", "--config", "config_path", metavar="PATH",
               help="Config file (default: $GREYD_CONFIG, ./etc/greyd.toml, /etc/greyd/greyd.toml).")
 @click.version_option(__version__, prog_name="greyd")
@@ -73,6 +89,7 @@ def explain(ctx, client, sender, recipient, helo, as_json) -> None:
     Example:
       greyd explain --client 192.0.2.7 --sender a@example.com --recipient b@localhost
     """
+    from .dns import NO_SPF, Lookup
     config = load_config(ctx)
     if sender == "<>":
         sender = ""
@@ -127,16 +144,14 @@ def _explanation(request, verdict: policy.Verdict, seen: policy.Seen | None) -> 
     }
 
 
-# -- command modules: each registers its commands here ------------------------------
-from .cli_daemon import reload, reopen_logs, start, status, stop  # noqa: E402
-from .cli_setup import setup  # noqa: E402
-from .cli_store import store  # noqa: E402
-from .cli_maintenance import cleanup, stats, triplets  # noqa: E402
-from .cli_whitelist import whitelist  # noqa: E402
-
-for command in (start, stop, status, reload, reopen_logs, whitelist, triplets, cleanup,
-                stats, setup, store):
-    cli.add_command(command)
+# -- command modules: each command is imported when it is run -----------------------
+COMMANDS = {        # command: its module (cli_*.py) and the attribute there
+    "start": "cli_daemon:start", "stop": "cli_daemon:stop", "status": "cli_daemon:status",
+    "reload": "cli_daemon:reload", "reopen-logs": "cli_daemon:reopen_logs",
+    "whitelist": "cli_whitelist:whitelist", "triplets": "cli_maintenance:triplets",
+    "cleanup": "cli_maintenance:cleanup", "stats": "cli_maintenance:stats",
+    "setup": "cli_setup:setup", "store": "cli_store:store",
+}
 
 
 def main() -> None:

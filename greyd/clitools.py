@@ -14,17 +14,19 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import click
 
-from . import config as configuration, tls
-from .greylist import Greylister, backend_for
+from . import config as configuration
 from .storage import StoreError
 from .queries import Queries
 from .store import Store
-from .tls import Certificate
 from .values import ConfigError
+
+if TYPE_CHECKING:       # imported where used: a command that needs neither starts faster
+    from .greylist import Greylister
+    from .tls import Certificate
 
 
 class GreydError(click.ClickException):
@@ -37,6 +39,7 @@ class GreydError(click.ClickException):
 def load_certificate(config: configuration.Config) -> Certificate | None:
     """STARTTLS's certificate as config.tls names it; a GreydError naming the
     key when it cannot be served."""
+    from . import tls
     try:
         return tls.load(config.tls)
     except tls.TlsError as error:
@@ -129,6 +132,7 @@ def open_greylister(config: configuration.Config) -> Iterator[Greylister]:
     """The daemon's greylister over the configured store, for reading
     (`greyd explain`), on the store's time base; a store that does not
     exist is refused, not created. Store errors become one line."""
+    from .greylist import Greylister, backend_for
     with open_store(config, write=False):
         pass                     # refuses a missing store, with the command's words
     backend = backend_for(config)
