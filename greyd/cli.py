@@ -1,6 +1,7 @@
 """The `greyd` command (click): the group, `check` and `explain`.
 
-The other commands live in cli_*.py modules, registered at the bottom.
+The other commands live in cli_*.py modules, named at the bottom (COMMANDS)
+and imported only when one of theirs is run or listed.
 
 Errors are one line on standard error and exit status 1 (usage errors 2);
 never a traceback. Listings take --json for scripts.
