@@ -16,7 +16,8 @@ connection held past its deadline, so no thread is left stuck. The pool
 opens its connections in the background and keeps trying while the server
 is away; a database that appears, or comes back, is set up or used again
 by itself, and a pooled connection its restart or crash left dead is
-found when lent (one poll, no round trip) and replaced within the bound. It is created in the process that uses it (after the fork).
+found when lent (one poll, no round trip) and replaced within the bound.
+It is created in the process that uses it (after the fork).
 """
 
 from __future__ import annotations
