@@ -55,6 +55,17 @@ CREATE TRIGGER whitelist_changed AFTER INSERT OR UPDATE OR DELETE ON whitelist
 """
 
 MIGRATIONS = [_SCHEMA_1]
+
+_FRESH_ARRAYS = (
+    "INSERT INTO triplets (network, sender, recipient, first_seen, last_seen)"
+    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::bigint[])"
+    " ON CONFLICT (network, sender, recipient) DO UPDATE SET"
+    " first_seen = excluded.first_seen, last_seen = excluded.last_seen, passed_at = NULL")
+_COUNTS_ARRAYS = (
+    "INSERT INTO counters (hour, action, reason, count)"
+    " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[])"
+    " ON CONFLICT (hour, action, reason) DO UPDATE SET count = counters.count + excluded.count")
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PLACEHOLDERS = re.compile(r"'(?:[^']|'')*'|::|%|\?|:(\w+)")
@@ -147,6 +158,19 @@ class PgStore(Queries):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- what a decision writes, set at a time ---------------------------------
+
+    def _insert_rows(self, rows: list[tuple]) -> None:
+        """The run of new triplets in one statement over arrays, whatever its
+        length: one text, prepared once per connection, where a multi-row
+        VALUES list of many placeholders is parsed anew, in Python, by
+        psycopg and by the server, for every lot."""
+        self.conn.raw.execute(_FRESH_ARRAYS, [list(column) for column in zip(*rows)])
+
+    def _add_counts(self, rows: list[tuple]) -> None:
+        if rows:
+            self.conn.raw.execute(_COUNTS_ARRAYS, [list(column) for column in zip(*rows)])
 
     # -- schema -------------------------------------------------------------
 

@@ -9,6 +9,8 @@ which takes the same SQL text, `?` and `:name` placeholders, and the same
 `transaction`. So the SQL here is the subset both engines share: upserts
 name the table's columns (`counters.count`), booleans are never summed,
 `IS DISTINCT FROM` compares what may be NULL. All SQL is parameterized.
+Two writes of `record` are hooks (`_insert_rows`, `_add_counts`) that
+PostgreSQL (postgres.PgStore) does over arrays, in one prepared statement.
 """
 
 from __future__ import annotations
@@ -102,26 +104,35 @@ class Queries:
                 self._apply_network(verdict, int(clock), max_age)
             for (hour, kind), n in sessions.items():
                 counts[hour, SESSION, kind] += n
-            self.conn.executemany(
-                "INSERT INTO counters (hour, action, reason, count) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (hour, action, reason) DO UPDATE SET"
-                " count = counters.count + excluded.count",
-                [(*key, n) for key, n in sorted(counts.items())])
+            self._add_counts([(*key, n) for key, n in sorted(counts.items())])
 
     def _insert_fresh(self, rows: list[tuple]) -> None:
-        """Insert (or restart) triplets, in statements of power-of-two sizes so
-        that the few texts stay in the connection's statement cache; empties `rows`.
+        """Insert (or restart) triplets; empties `rows`.
 
         A triplet twice in the run is written once, as its last decision
         would leave it (as one statement each would): one statement may not
         touch a row twice (PostgreSQL). Rows go in key order, so that two
         hosts' lots lock the triplets they share in the same order."""
         unique = {row[:3]: row for row in rows}
-        rows[:] = sorted(unique.values())
+        rows.clear()
+        if unique:
+            self._insert_rows(sorted(unique.values()))
+
+    def _insert_rows(self, rows: list[tuple]) -> None:
+        """(network, sender, recipient, first_seen, last_seen) rows, in
+        multi-row statements of power-of-two sizes, so that the few texts
+        stay in the connection's statement cache."""
         while rows:
             size = min(FRESH_ROWS, 1 << (len(rows).bit_length() - 1))
-            chunk, rows[:size] = rows[:size], []
+            chunk, rows = rows[:size], rows[size:]
             self.conn.execute(_fresh_sql(size), [v for row in chunk for v in row])
+
+    def _add_counts(self, rows: list[tuple]) -> None:
+        """Add (hour, action, reason, count) rows to the counters."""
+        self.conn.executemany(
+            "INSERT INTO counters (hour, action, reason, count) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (hour, action, reason) DO UPDATE SET"
+            " count = counters.count + excluded.count", rows)
 
     def _apply(self, verdict: Verdict, now: int) -> None:
         """A decision's write to its triplet, but NEW and RESTART, which
