@@ -52,7 +52,9 @@ def serve(daemon: Daemon, signals: Signals, reload, reopen_logs, alive=None,
     telling `stopping(open sessions)`."""
     daemon.start()
     while not signals.stop:
-        signals.wake.wait(None if alive is None else WATCH)
+        # Never without a timeout: the kernel may give the signal to another
+        # thread, and Python's handler then runs when this one next wakes.
+        signals.wake.wait(WATCH)
         signals.wake.clear()
         if alive is not None and not alive():
             logger.error("master process gone, stopping")

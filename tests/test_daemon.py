@@ -6,10 +6,12 @@ upstream, with a short greylisting delay (daemon.DELAY) instead of the real one.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import time
 
@@ -22,6 +24,7 @@ from smtpclient import deliver
 from upstream import free_port
 
 pytestmark = pytest.mark.timeout(60)
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
 
 
 def test_the_end_to_end_story(tmp_path, upstream, port):
@@ -67,6 +70,25 @@ def test_sigterm_stops_gracefully_with_exit_0(tmp_path, upstream, port):
         assert int(pidfile.read_text()) == daemon.proc.pid
         assert daemon.stop() == 0
     assert not pidfile.exists()
+    assert "stopped" in daemon.stderr
+
+
+def test_a_stop_signal_taken_by_another_thread_still_stops_it(tmp_path, upstream, port):
+    """The kernel gives a process's signal to any of its threads that does not
+    block it; Python runs the handler in the main thread only when that one
+    runs, so a SIGTERM taken by a session or accept thread must still wake it."""
+    if SYS_TGKILL is None:
+        pytest.skip(f"tgkill's number on {os.uname().machine} is not known here")
+    config = config_for(tmp_path, upstream.port, port)
+    with Foreground(config) as daemon:
+        wait_listening(port)
+        pid = daemon.proc.pid
+        others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+        assert others
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(SYS_TGKILL, pid, others[0], signal.SIGTERM) == 0, ctypes.get_errno()
+        assert daemon.proc.wait(timeout=10) == 0
+        daemon.stop()
     assert "stopped" in daemon.stderr
 
 
