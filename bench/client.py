@@ -175,6 +175,7 @@ class Run:
     latencies: list[float] = field(default_factory=list)    # seconds, Python client only
     errors: Counter = field(default_factory=Counter)
     greyd_cpu: float = 0.0        # CPU seconds greyd used meanwhile (idle during sink runs)
+    greyd_usage: tuple | None = None   # bench.daemon.Usage of greyd meanwhile (throughput)
 
     @property
     def rate(self) -> float:

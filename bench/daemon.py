@@ -3,8 +3,9 @@
 Owns: finding the `greyd` command that belongs to this interpreter, writing
 its config (etc/greyd.toml, listening on a free loopback port; a [tls] table
 when it is to offer STARTTLS; [database] path, or url for PostgreSQL), starting and
-stopping it, its server.workers setting, the CPU time and RSS of the daemon
-and its workers, and the problems it logged. Must not: send it load, or
+stopping it, its server.workers setting, the CPU time (user, system),
+context switches and RSS of the daemon and its workers, and the problems
+it logged. Must not: send it load, or
 import greyd (the daemon is measured as a separate process).
 """
 
@@ -16,8 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from bench.client import DOMAIN
 from bench.processes import HOST, BenchError, Processes, free_port, wait_banner
@@ -46,6 +49,101 @@ def workers_value(text: str) -> int | str:
 
 def toml_value(value) -> str:
     return json.dumps(value)        # strings, numbers, booleans and lists of them
+
+
+class Usage(NamedTuple):
+    """What greyd has used: CPU seconds in user and in system mode, and
+    context switches, voluntary (a thread waited: for its client, a lock, the
+    GIL) and involuntary (the scheduler took the CPU from a thread that could
+    have gone on). A difference of two is what a run cost."""
+
+    user: float
+    system: float
+    voluntary: int
+    involuntary: int
+
+    def __sub__(self, other: "Usage") -> "Usage":
+        return Usage(*(mine - theirs for mine, theirs in zip(self, other)))
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
+
+
+class Switches:
+    """The context switches of every thread of greyd's processes, ended threads
+    included. Linux counts them per thread (/proc/PID/task/TID/status) and
+    drops a thread's count when it exits, so a thread of the benchmark looks
+    every POLL seconds and keeps each thread's last count. A session thread
+    lingers after its session (greyd.server) but those beyond the ones kept
+    waiting for clients leave at once: what such a thread did since the last
+    look (at most POLL seconds' worth) is missed, a few per cent at the end of
+    a run, so the figure errs low, never high."""
+
+    POLL = 0.2
+
+    def __init__(self, pids: Callable[[], list[int]]):
+        self.pids = pids
+        self._last: dict[int, tuple[int, int]] = {}     # thread id: its last count
+        self._ended = (0, 0)            # counts of threads whose ids came back for new ones
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="switches", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def total(self) -> tuple[int, int]:
+        """(voluntary, involuntary) switches of all threads so far."""
+        with self._lock:
+            self._look()
+            counts = list(self._last.values()) + [self._ended]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.POLL):
+            with self._lock:
+                self._look()
+
+    def _look(self) -> None:
+        for pid in self.pids():
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                counts = _switches(f"/proc/{pid}/task/{tid}/status")
+                if counts is None:
+                    continue
+                last = self._last.get(int(tid))
+                if last is not None and (counts[0] < last[0] or counts[1] < last[1]):
+                    self._ended = (self._ended[0] + last[0], self._ended[1] + last[1])
+                self._last[int(tid)] = counts
+
+
+def _switches(status: str) -> tuple[int, int] | None:
+    """A thread's (voluntary, involuntary) context switches; None once it is gone."""
+    voluntary = involuntary = None
+    try:
+        with open(status) as lines:
+            for line in lines:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    voluntary = int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    involuntary = int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    if voluntary is None or involuntary is None:
+        return None
+    return voluntary, involuntary
 
 
 class Greyd:
@@ -81,6 +179,7 @@ class Greyd:
             f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
             for name, keys in sections.items()))
         self.proc: subprocess.Popen | None = None
+        self.switches = Switches(self.pids)
 
     def command(self, *args: str) -> list[str]:
         return greyd_command() + ["-c", str(self.config), *args]
@@ -89,6 +188,7 @@ class Greyd:
         self.proc = self.procs.start(self.command("start", "--foreground"), self.log,
                                      cwd=self.root)
         wait_banner(self.port, self.proc, self.log, "greyd")
+        self.switches.start()
 
     @property
     def pid(self) -> int:
@@ -109,14 +209,21 @@ class Greyd:
 
     def cpu_seconds(self) -> float:
         """User and system CPU time of the daemon and its workers so far (/proc/PID/stat)."""
-        total = 0
+        return self.usage().cpu
+
+    def usage(self) -> Usage:
+        """What the daemon and its workers have used so far: CPU time in user and
+        system mode (/proc/PID/stat: every thread, ended ones included) and
+        context switches (`Switches`)."""
+        user = system = 0
         for pid in self.pids():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
             except OSError:
                 continue
-            total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+            user, system = user + int(fields[11]), system + int(fields[12])
+        tick = os.sysconf("SC_CLK_TCK")
+        return Usage(user / tick, system / tick, *self.switches.total())
 
     def rss_kib(self) -> int:
         """VmRSS of the daemon and its workers, summed (pages shared since the fork
@@ -147,6 +254,7 @@ class Greyd:
         return found
 
     def stop(self) -> None:
+        self.switches.stop()
         if self.proc is not None:
             self.procs.stop(self.proc, grace=40.0)
             self.proc = None

@@ -1,8 +1,9 @@
 """The throughput section: deferred sessions/s and passed messages/s, and latency.
 
 Owns: running the load client against greyd and straight against a sink,
-run by run, at each concurrency point; the ratios to the sink, their targets
-and the "Throughput and latency" table. Must not: judge latency from
+run by run, at each concurrency point; the ratios to the sink, their targets, the
+"Throughput and latency" table and beside it greyd's cost per session (CPU,
+user and system, and context switches). Must not: judge latency from
 smtp-source (it does not report it), or count a session that went wrong.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.client import SENDER_DOMAIN, Run, python_run, smtp_source_run, token
-from bench.daemon import Greyd
+from bench.daemon import Greyd, Switches
 from bench.processes import Processes
 from bench.report import Report, percentile, progress, spread
 from bench.sink import start_sink
@@ -23,6 +24,8 @@ from bench.sink import start_sink
 TARGET_DEFERRED_RATIO = {"sqlite": 0.40,       # deferred sessions/s at concurrency 100 / sink's,
                          "postgresql": 0.30}    # by greyd's store
 TARGET_PASSED_RATIO = 0.09            # passed messages/s / sink's direct rate
+COST_HEADINGS = ["figure", "concurrency", "greyd", "CPU µs", "user µs", "system µs",
+                 "voluntary switches", "involuntary switches"]
 
 
 @dataclass
@@ -80,9 +83,10 @@ def measure_point(args, report, rng, client, greyd, targets, point, count, limit
             progress(f"{mode} c={concurrency} run {number + 1}/{args.runs}: {name}")
             where = f"{mode} c={concurrency} {name} run {number + 1}"
             sender = f"bench-{token(rng)}@{SENDER_DOMAIN}"
-            cpu = greyd.cpu_seconds()
+            before = greyd.usage()
             run = client(port, mode, concurrency, count, sender, limit)
-            run.greyd_cpu = greyd.cpu_seconds() - cpu
+            run.greyd_usage = greyd.usage() - before
+            run.greyd_cpu = run.greyd_usage.cpu
             point.runs[name].append(run)
             note_errors(report, run, where)
             if client is python_run:
@@ -105,7 +109,7 @@ def note_errors(report: Report, run: Run, where: str) -> None:
 
 
 def throughput_table(args, points: list[Point], sinks: dict, report: Report) -> None:
-    rows = []
+    rows, costs = [], []
     data = report.data.setdefault("throughput", [])
     client_name = "python client" if args.client == "python" else "smtp-source"
     for point in points:
@@ -114,6 +118,7 @@ def throughput_table(args, points: list[Point], sinks: dict, report: Report) -> 
             continue
         row, entry = rate_row(point, client_name, report, args.database.store)
         rows.append(row)
+        costs += usage_rows(point, row, entry)
         rows += latency_rows(point, entry, report)
         if args.client != "python":
             entry["python_client_rates"] = {name: [run.rate for run in runs]
@@ -122,6 +127,15 @@ def throughput_table(args, points: list[Point], sinks: dict, report: Report) -> 
     report.table("Throughput and latency",
                  ["figure", "concurrency", "greyd", "sink direct", "ratio", "target", ""],
                  rows, legend(args, sinks, client_name))
+    if costs:
+        report.table("greyd's cost per session", COST_HEADINGS, costs, [
+            "Beside each rate above: what greyd's processes used per session in the "
+            "same runs (median [min–max]): CPU time in user and in system mode "
+            "(/proc/PID/stat), and context switches, voluntary (a thread waited: for "
+            "its client, a lock, the GIL) and involuntary (the scheduler took the CPU "
+            "from it), counted per thread (/proc/PID/task/*/status) every "
+            f"{Switches.POLL:g} s, so a thread that ends between two looks loses "
+            "its last moments: the switches err low, never high."])
 
 
 def rate_row(point: Point, client_name: str, report: Report,
@@ -147,6 +161,27 @@ def rate_row(point: Point, client_name: str, report: Report,
              "greyd_cpu_ms_per_session": [run.greyd_cpu / run.sessions * 1000
                                           for run in point.runs["greyd"]]}
     return row, entry
+
+
+def usage_rows(point: Point, rate: list[str], entry: dict) -> list[list[str]]:
+    """The point's row of greyd's cost per session (bench.daemon.Usage) in
+    its runs, beside `rate` (the point's row of rates), so that a cost
+    that grows shows in the numbers and not only in the wall clock; `entry`
+    gets the figures."""
+    runs = [run for run in point.runs["greyd"] if run.greyd_usage is not None]
+    if not runs:
+        return []
+    per = {name: [getattr(run.greyd_usage, name) / run.sessions for run in runs]
+           for name in ("user", "system", "voluntary", "involuntary")}
+    user = [v * 1e6 for v in per["user"]]
+    system = [v * 1e6 for v in per["system"]]
+    total = [u + s for u, s in zip(user, system)]
+    entry.update(greyd_cpu_us_per_session=total, greyd_user_us_per_session=user,
+                 greyd_system_us_per_session=system,
+                 greyd_voluntary_switches_per_session=per["voluntary"],
+                 greyd_involuntary_switches_per_session=per["involuntary"])
+    return [[*rate[:3], spread(total), spread(user), spread(system),
+             spread(per["voluntary"], 2), spread(per["involuntary"], 2)]]
 
 
 def latency_rows(point: Point, entry: dict, report: Report) -> list[list[str]]:

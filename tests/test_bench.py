@@ -91,6 +91,14 @@ def test_quick_bench_prints_every_figure_as_a_positive_number(tmp_path):
 
     throughput = printed["Throughput and latency"]
     measured = {(row["figure"], row["concurrency"]) for row in throughput}
+    # Beside each rate, greyd's CPU (user, system) and context switches per session.
+    rates = [row for row in throughput if "/s" in row["figure"]]
+    costs = printed["greyd's cost per session"]
+    assert [(r["figure"], r["concurrency"], r["greyd"]) for r in costs] == \
+        [(r["figure"], r["concurrency"], r["greyd"]) for r in rates]
+    for row in costs:
+        assert all(positive(row[h]) for h in ("CPU µs", "user µs", "voluntary switches")), row
+        assert all(FIGURE.fullmatch(row[h]) for h in ("system µs", "involuntary switches")), row
     for concurrency in ("20", "100"):
         for figure in ("deferred sessions/s", "passed messages/s (1 KiB)",
                        "deferred session p50 ms (python client)",
