@@ -31,7 +31,7 @@ from .context import Context
 from .storage import StoreError
 from .values import ConfigError
 from .mainloop import Signals, serve, supervise
-from .workers import Workers, master_alive
+from .workers import Workers, bind_to_cpu, master_alive
 
 STOP_WAIT = GRACE + 15.0    # seconds `greyd stop` waits for the exit
 STOP_NOTICE = 0.5           # ... and says what it waits for once a stop takes longer
@@ -63,6 +63,8 @@ def start(ctx: click.Context, foreground: bool, listen: tuple[str, ...]) -> None
     if running:
         raise GreydError(f"already running (pid {running}, pidfile {pidfile.path})")
     batch_scheduling()                  # before any thread: they all inherit it
+    if config.server.workers == 1:      # ... and one CPU (workers bind after their fork)
+        bind_to_cpu()
     try:
         log.setup(config.log, stderr=foreground)
     except OSError as error:
