@@ -29,11 +29,12 @@ import socket
 import socketserver
 import tempfile
 import threading
+from functools import lru_cache
 from pathlib import Path
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import TYPE_CHECKING
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app,
-                               multiprocess, values)
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 SCRAPE_TIMEOUT = 10.0   # seconds a scraper may take to send its request and read the answer
 DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -46,6 +47,7 @@ class _Figures:
     """Every greyd_ metric of this process."""
 
     def __init__(self, registry: CollectorRegistry | None):
+        from prometheus_client import Counter, Gauge, Histogram
         r = registry
         self.decisions = Counter("greyd_decisions", "Recipients decided, by action and reason.",
                                  ["action", "reason"], registry=r)
@@ -148,19 +150,27 @@ def dns_kind(error: str) -> str:
 
 # -- the endpoint -----------------------------------------------------------------------
 
-class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+@lru_cache(maxsize=None)
+def _http() -> tuple:
+    """wsgiref's make_server and the server and handler classes it is given,
+    made at the first endpoint: prometheus_client and the HTTP modules are
+    imported only where metrics are on, not by every greyd command."""
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-    def __init__(self, address: tuple[str, int], handler):
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, handler)
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
 
+        def __init__(self, address: tuple[str, int], handler):
+            self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            super().__init__(address, handler)
 
-class _Handler(WSGIRequestHandler):
-    timeout = SCRAPE_TIMEOUT
+    class Handler(WSGIRequestHandler):
+        timeout = SCRAPE_TIMEOUT
 
-    def log_message(self, format, *args) -> None:
-        """Scrapes are not logged (wsgiref writes each to standard error)."""
+        def log_message(self, format, *args) -> None:
+            """Scrapes are not logged (wsgiref writes each to standard error)."""
+
+    return make_server, Server, Handler
 
 
 class Endpoint:
@@ -168,6 +178,7 @@ class Endpoint:
     cannot be), served from `serve`."""
 
     def __init__(self, address: tuple[str, int], workers: int, beside: Path):
+        from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess, values
         self.directory: str | None = None
         self.registry = CollectorRegistry()
         if workers > 1:
@@ -179,8 +190,9 @@ class Endpoint:
         self.serving = False
         self.paths = [Path(self.directory)] if self.directory else []   # the workers write here
         try:
+            make_server, server, handler = _http()
             self.server = make_server(address[0], address[1], make_wsgi_app(self.registry),
-                                      _Server, _Handler)
+                                      server, handler)
         except BaseException:
             self._remove_directory()
             raise
@@ -235,6 +247,7 @@ def process_gone(pid: int) -> None:
     """A worker exited: its live gauges no longer count."""
     endpoint = _endpoint
     if endpoint is not None and endpoint.directory is not None:
+        from prometheus_client import multiprocess
         multiprocess.mark_process_dead(pid, endpoint.directory)
 
 

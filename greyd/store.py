@@ -15,13 +15,15 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from .queries import Queries, transaction
 
 BUSY_TIMEOUT = 5.0          # seconds a writer waits for another (cron, CLI)
 MMAP_SIZE = 1 << 30         # bytes of the database file each connection maps
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
@@ -65,15 +67,23 @@ class Store(Queries):
         self.path = Path(path)
         conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT,
                                check_same_thread=False)
-        self.db = sqlite_utils.Database(conn)
         self.conn = conn
         self._write_lock = write_lock or threading.Lock()
+        conn.execute("PRAGMA recursive_triggers = on")     # as sqlite-utils sets it
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
         # Per connection: with WAL, NORMAL syncs at checkpoints, not every commit.
         conn.execute("PRAGMA synchronous = NORMAL")
         # Pages read from the mapped file: no read() per page after another
         # connection's write has emptied this one's page cache.
         conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
+
+    @property
+    def db(self) -> "sqlite_utils.Database":
+        """sqlite-utils over this connection, for the schema: imported at the
+        first use, since a connection that only queries never needs it and
+        every greyd command would pay for its import."""
+        import sqlite_utils
+        return sqlite_utils.Database(self.conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -108,7 +118,8 @@ class Store(Queries):
 
     def migrate(self) -> None:
         """Bring the schema up to SCHEMA_VERSION; WAL on. Idempotent."""
-        self.db.enable_wal()
+        db = self.db
+        db.enable_wal()
         # IMMEDIATE: two processes opening a new database migrate one after the other.
         with transaction(self.conn):
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -116,7 +127,7 @@ class Store(Queries):
                 raise sqlite3.DatabaseError(
                     f"schema version {version} is newer than this greyd ({SCHEMA_VERSION})")
             for number in range(version, SCHEMA_VERSION):
-                MIGRATIONS[number](self.db)
+                MIGRATIONS[number](db)
                 self.conn.execute(f"PRAGMA user_version = {number + 1}")
 
     def check_writable(self) -> None:
