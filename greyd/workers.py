@@ -28,6 +28,7 @@ from .server import GRACE, Daemon
 
 RESTART_PAUSE = 1.0     # seconds between restarts of the same worker
 WATCH = 0.5             # seconds between the master's looks at its workers
+CPU_SAMPLE = 0.05       # seconds a one-process greyd watches the CPUs to choose one
 STOP_MARGIN = 10.0      # seconds past the grace before workers are killed
 
 logger = logging.getLogger(__name__)
@@ -123,9 +124,9 @@ class Workers:
 def bind_to_cpu(number: int | None = None) -> int | None:
     """Bind the calling thread, and the threads it starts from now on, to one
     CPU: worker `number` gets the number-th of the CPUs the process may run
-    on, round robin; a one-process greyd (None) the one it is running on, the
-    scheduler's choice at start. The CPU, or None where the system refuses
-    (greyd then runs anywhere).
+    on, round robin; a one-process greyd (None) the one of them least busy
+    now (`quietest_cpu`). The CPU, or None where the system refuses (greyd
+    then runs anywhere).
 
     A process's threads take turns holding the GIL anyway: on one CPU, a
     thread woken by its client's next command runs once the thread holding
@@ -136,22 +137,39 @@ def bind_to_cpu(number: int | None = None) -> int | None:
     """
     try:
         cpus = sorted(os.sched_getaffinity(0))
-        cpu = cpus[number % len(cpus)] if number is not None else _current_cpu(cpus)
+        cpu = cpus[number % len(cpus)] if number is not None else quietest_cpu(cpus)
         os.sched_setaffinity(0, {cpu})
     except (AttributeError, OSError):
         return None
     return cpu
 
 
-def _current_cpu(allowed: list[int]) -> int:
-    """The CPU this thread is running on (/proc: field 39 of its stat line),
-    or the first it may run on."""
-    try:
-        with open("/proc/thread-self/stat") as stat:
-            cpu = int(stat.read().rpartition(")")[2].split()[36])
-    except (OSError, ValueError, IndexError):
+def quietest_cpu(allowed: list[int], sample: float = CPU_SAMPLE) -> int:
+    """Of the `allowed` CPUs, the one that was idle longest over the next
+    `sample` seconds (/proc/stat), so that a one-process greyd does not bind
+    itself beside a process that keeps a CPU busy (one bound there, which the
+    scheduler cannot move away); the first of them when that cannot be read."""
+    before = _idle_times()
+    time.sleep(sample)
+    after = _idle_times()
+    idle = {cpu: after[cpu] - before[cpu] for cpu in allowed if cpu in before and cpu in after}
+    if not idle:
         return allowed[0]
-    return cpu if cpu in allowed else allowed[0]
+    return max(allowed, key=lambda cpu: idle.get(cpu, -1))
+
+
+def _idle_times() -> dict[int, int]:
+    """Each CPU's idle and I/O-wait time so far, in clock ticks (/proc/stat)."""
+    times = {}
+    try:
+        with open("/proc/stat") as stat:
+            for line in stat:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and len(fields) >= 5:
+                    times[int(name[3:])] = int(fields[3]) + int(fields[4])
+    except (OSError, ValueError):
+        return {}
+    return times
 
 
 def _describe(status: int) -> str:

@@ -9,6 +9,8 @@ import re
 import signal
 import smtplib
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,33 +123,46 @@ def test_threads_run_under_sched_batch_and_each_worker_on_one_cpu(
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-@pytest.mark.parametrize("taskset", [False, True], ids=["anywhere", "under-taskset"])
-def test_a_one_process_greyd_runs_all_its_threads_on_one_cpu(tmp_path, upstream, port, taskset):
+@pytest.mark.parametrize("how", ["anywhere", "under-taskset", "beside-a-busy-cpu"])
+def test_a_one_process_greyd_runs_all_its_threads_on_one_cpu(tmp_path, upstream, port, how):
     """workers = 1 (the default): greyd binds itself to one CPU before it starts
     a thread (greyd.workers.bind_to_cpu), so the threads of its sessions hand
-    the GIL to each other on that CPU; started under taskset, to one of those."""
+    the GIL to each other on that CPU: started under taskset, one of those;
+    and not the CPU that a process bound there keeps busy."""
     allowed = sorted(os.sched_getaffinity(0))
-    prefix = ["taskset", "-c", str(allowed[-1])] if taskset else []
-    with Foreground(config_for(tmp_path, upstream.port, port), prefix=prefix) as daemon:
-        wait_listening(port)
-        clients = [Raw(port) for _ in range(3)]
-        assert [client.greeting[0] for client in clients] == [220] * 3
-        pid = daemon.proc.pid
-        cpus = {}
-        for task in map(int, os.listdir(f"/proc/{pid}/task")):
-            try:
-                cpus[task] = sorted(os.sched_getaffinity(task))
-            except ProcessLookupError:
-                pass
-        for client in clients:
-            client.close()
-        assert daemon.stop() == 0
+    prefix = ["taskset", "-c", str(allowed[-1])] if how == "under-taskset" else []
+    busy = None
+    if how == "beside-a-busy-cpu":
+        busy = subprocess.Popen(["taskset", "-c", str(allowed[0]), sys.executable, "-c",
+                                 "while True: pass"])
+        time.sleep(0.3)
+    try:
+        with Foreground(config_for(tmp_path, upstream.port, port), prefix=prefix) as daemon:
+            wait_listening(port)
+            clients = [Raw(port) for _ in range(3)]
+            assert [client.greeting[0] for client in clients] == [220] * 3
+            pid = daemon.proc.pid
+            cpus = {}
+            for task in map(int, os.listdir(f"/proc/{pid}/task")):
+                try:
+                    cpus[task] = sorted(os.sched_getaffinity(task))
+                except ProcessLookupError:
+                    pass
+            for client in clients:
+                client.close()
+            assert daemon.stop() == 0
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
     assert len(cpus) >= 3 + len(clients)        # main, log, accept(), sessions
     assert len({tuple(bound) for bound in cpus.values()}) == 1, cpus
     (bound,) = set(map(tuple, cpus.values()))
     assert len(bound) == 1 and bound[0] in allowed
-    if taskset:
+    if how == "under-taskset":
         assert bound == (allowed[-1],)
+    if how == "beside-a-busy-cpu":
+        assert bound != (allowed[0],)
 
 
 def test_the_per_client_limit_holds_across_workers(workers_config, port):
