@@ -209,12 +209,16 @@ class Greyd:
 
     def cpu_seconds(self) -> float:
         """User and system CPU time of the daemon and its workers so far (/proc/PID/stat)."""
-        return self.usage().cpu
+        return sum(self._cpu_times())
 
     def usage(self) -> Usage:
         """What the daemon and its workers have used so far: CPU time in user and
         system mode (/proc/PID/stat: every thread, ended ones included) and
         context switches (`Switches`)."""
+        return Usage(*self._cpu_times(), *self.switches.total())
+
+    def _cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the daemon and its workers so far."""
         user = system = 0
         for pid in self.pids():
             try:
@@ -223,7 +227,7 @@ class Greyd:
                 continue
             user, system = user + int(fields[11]), system + int(fields[12])
         tick = os.sysconf("SC_CLK_TCK")
-        return Usage(user / tick, system / tick, *self.switches.total())
+        return user / tick, system / tick
 
     def rss_kib(self) -> int:
         """VmRSS of the daemon and its workers, summed (pages shared since the fork

@@ -125,6 +125,11 @@ class Connection:
         self.raw.close()
 
 
+def _columns(rows: list[tuple]) -> list[list]:
+    """Rows turned into one list per column: the arrays unnest() takes."""
+    return [list(column) for column in zip(*rows)]
+
+
 def connect_settings(url: str, timeout: float | None) -> dict:
     """How greyd connects: in autocommit, and within `timeout` (libpq's
     connect_timeout: whole seconds, at least 2) unless the URL sets its own.
@@ -166,11 +171,11 @@ class PgStore(Queries):
         length: one text, prepared once per connection, where a multi-row
         VALUES list of many placeholders is parsed anew, in Python, by
         psycopg and by the server, for every lot."""
-        self.conn.raw.execute(_FRESH_ARRAYS, [list(column) for column in zip(*rows)])
+        self.conn.raw.execute(_FRESH_ARRAYS, _columns(rows))
 
     def _add_counts(self, rows: list[tuple]) -> None:
         if rows:
-            self.conn.raw.execute(_COUNTS_ARRAYS, [list(column) for column in zip(*rows)])
+            self.conn.raw.execute(_COUNTS_ARRAYS, _columns(rows))
 
     # -- schema -------------------------------------------------------------
 
