@@ -9,8 +9,9 @@ which takes the same SQL text, `?` and `:name` placeholders, and the same
 `transaction`. So the SQL here is the subset both engines share: upserts
 name the table's columns (`counters.count`), booleans are never summed,
 `IS DISTINCT FROM` compares what may be NULL. All SQL is parameterized.
-Two writes of `record` are hooks (`_insert_rows`, `_add_counts`) that
-PostgreSQL (postgres.PgStore) does over arrays, in one prepared statement.
+The facts' read (`_facts_row`) and two writes of `record` (`_insert_rows`,
+`_add_counts`) are hooks that PostgreSQL (postgres.PgStore) does its own
+way, each in one prepared statement.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class Queries:
         """Everything a decision about `triplet` from `network` may read, in one
         statement run when first asked: one read transaction."""
         return LazyFacts(self, network, triplet)
+
+    def _facts_row(self, params: tuple) -> tuple | None:
+        """FACTS_SQL's row for (network, triplet's network, sender,
+        recipient, whitelist version held), or None (see LazyFacts)."""
+        return self.conn.execute(FACTS_SQL, params).fetchone()
 
     def auto_entry(self, network: str) -> AutoEntry | None:
         row = self.conn.execute(
@@ -321,9 +327,9 @@ class LazyFacts:
     def _read(self) -> tuple:
         if self._row is None:
             t, known = self.triplet, self.store._whitelist_version
-            self._row = self.store.conn.execute(
-                FACTS_SQL, (self.network, t.network, t.sender, t.recipient, known),
-            ).fetchone() or (known, None, None, None, None, None)
+            self._row = self.store._facts_row(
+                (self.network, t.network, t.sender, t.recipient, known),
+            ) or (known, None, None, None, None, None)
         return self._row
 
     def whitelist(self) -> Whitelist:
