@@ -71,6 +71,9 @@ _COUNTS_JSON = (
     " ON CONFLICT (hour, action, reason) DO UPDATE SET count = counters.count + excluded.count")
 FACTS_STATEMENT = b"greyd_facts"    # FACTS_SQL, prepared on each connection by its name
 _FACTS_TYPES = (int, int, int, float, int, int)     # its columns, read from their text
+# SQLSTATEs after which it is prepared again: no such prepared statement, and
+# "cached plan must not change result type" (feature not supported).
+_PREPARE_AGAIN = (b"26000", b"0A000")
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -197,11 +200,18 @@ class PgStore(Queries):
         GIL while it waits for the server."""
         raw = self.conn.raw
         pgconn, encoding = raw.pgconn, raw.info.encoding
+        values = [str(value).encode(encoding) for value in params]
         if not self._facts_ready:
             _checked(pgconn.prepare(FACTS_STATEMENT, numbered(FACTS_SQL).encode()))
             self._facts_ready = True
-        result = _checked(pgconn.exec_prepared(
-            FACTS_STATEMENT, [str(value).encode(encoding) for value in params]))
+        result = pgconn.exec_prepared(FACTS_STATEMENT, values)
+        if result.error_field(pq.DiagnosticField.SQLSTATE) in _PREPARE_AGAIN:
+            # Dropped by a reset of the session (DISCARD ALL, a pooler's), or
+            # planned before a migration changed a column: once more, anew.
+            pgconn.exec_(b"DEALLOCATE " + FACTS_STATEMENT)      # gone already: no matter
+            _checked(pgconn.prepare(FACTS_STATEMENT, numbered(FACTS_SQL).encode()))
+            result = pgconn.exec_prepared(FACTS_STATEMENT, values)
+        _checked(result)
         if not result.ntuples:
             return None
         value = result.get_value

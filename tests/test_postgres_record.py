@@ -1,4 +1,5 @@
-"""PgStore.record: a lot of verdicts is written to PostgreSQL all or nothing."""
+"""PgStore's own statements: a lot of verdicts is written to PostgreSQL all
+or nothing, and the facts' prepared statement outlives a reset of its session."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import psycopg
 import pytest
 
 from greyd import policy
-from greyd.policy import ACCEPT, GREYLIST, Triplet, Verdict
+from greyd.policy import ACCEPT, GREYLIST, Seen, Triplet, Verdict
 from greyd.postgres import PgStore
 from greyd.storage import Decision
 
@@ -48,3 +49,19 @@ def test_a_lot_is_recorded_all_or_nothing(pg_url):
         assert store.conn.execute("SELECT sum(count) FROM counters").fetchone()[0] == 5
         store.record([Decision(verdict(GREYLIST, "new", "r7@x.example", policy.NEW), T, MAX_AGE)])
         assert store.seen(Triplet(NET, "a@b.example", "r7@x.example")) is not None
+
+
+@pytest.mark.parametrize("reset", ["DEALLOCATE ALL", "DISCARD ALL"])
+def test_the_facts_read_prepares_its_statement_again_after_a_session_reset(pg_url, reset):
+    """An administrator's or a connection pooler's reset of the session drops
+    the prepared statements; the next decision's facts are read all the same."""
+    triplet = Triplet(NET, "a@b.example", "r0@x.example")
+    with PgStore.open(pg_url) as store:
+        store.migrate()
+        store.record([Decision(verdict(GREYLIST, "new", "r0@x.example", policy.NEW),
+                               T + 0.25, MAX_AGE)])
+        assert store.facts(NET, triplet).seen(triplet) == Seen(T + 0.25, T, None)
+        store.conn.raw.execute(reset)
+        assert store.facts(NET, triplet).seen(triplet) == Seen(T + 0.25, T, None)
+        assert store.facts(NET, triplet._replace(recipient="r1@x.example")).seen(
+            triplet._replace(recipient="r1@x.example")) is None
