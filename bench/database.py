@@ -12,6 +12,7 @@ up; this only checks the columns it fills).
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -155,11 +156,15 @@ class Database:
 
 def settle(conn) -> None:
     """VACUUM ANALYZE the triplets, then CHECKPOINT when this role may
-    (a superuser, or pg_checkpoint's member): the fill's dead rows, statistics
-    and dirty pages dealt with now, not while figures are taken."""
+    (a superuser, or pg_checkpoint's member), then sync: the fill's dead rows,
+    statistics and dirty pages dealt with now, not while figures are taken.
+    A checkpoint only hands its pages to the kernel, whose write-back to the
+    disk would otherwise run under the decisions timed next (a server on
+    this host: the benchmark's own)."""
     import psycopg
     conn.execute("VACUUM ANALYZE triplets")
     try:
         conn.execute("CHECKPOINT")
     except psycopg.errors.InsufficientPrivilege:
         pass
+    os.sync()

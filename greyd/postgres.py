@@ -202,14 +202,13 @@ class PgStore(Queries):
         pgconn, encoding = raw.pgconn, raw.info.encoding
         values = [str(value).encode(encoding) for value in params]
         if not self._facts_ready:
-            _checked(pgconn.prepare(FACTS_STATEMENT, numbered(FACTS_SQL).encode()))
-            self._facts_ready = True
+            self._prepare_facts(pgconn)
         result = pgconn.exec_prepared(FACTS_STATEMENT, values)
         if result.error_field(pq.DiagnosticField.SQLSTATE) in _PREPARE_AGAIN:
             # Dropped by a reset of the session (DISCARD ALL, a pooler's), or
             # planned before a migration changed a column: once more, anew.
             pgconn.exec_(b"DEALLOCATE " + FACTS_STATEMENT)      # gone already: no matter
-            _checked(pgconn.prepare(FACTS_STATEMENT, numbered(FACTS_SQL).encode()))
+            self._prepare_facts(pgconn)
             result = pgconn.exec_prepared(FACTS_STATEMENT, values)
         _checked(result)
         if not result.ntuples:
@@ -217,6 +216,10 @@ class PgStore(Queries):
         value = result.get_value
         return tuple(None if (text := value(0, column)) is None else kind(text)
                      for column, kind in enumerate(_FACTS_TYPES))
+
+    def _prepare_facts(self, pgconn: pq.abc.PGconn) -> None:
+        _checked(pgconn.prepare(FACTS_STATEMENT, numbered(FACTS_SQL).encode()))
+        self._facts_ready = True
 
     def _insert_rows(self, rows: list[tuple]) -> None:
         """The run of new triplets in one statement whatever its length, the
