@@ -75,10 +75,11 @@ class Switches:
     included. Linux counts them per thread (/proc/PID/task/TID/status) and
     drops a thread's count when it exits, so a thread of the benchmark looks
     every POLL seconds and keeps each thread's last count. A session thread
-    lingers after its session (greyd.server) but those beyond the ones kept
-    waiting for clients leave at once: what such a thread did since the last
-    look (at most POLL seconds' worth) is missed, a few per cent at the end of
-    a run, so the figure errs low, never high."""
+    (greyd.reactor's crew) lingers after its session but those beyond the
+    ones kept waiting leave at once: what such a thread did since the last
+    look (at most POLL seconds' worth) is missed, so the figure errs low,
+    never high. The sessions the reactor serves to their end take no thread
+    of their own."""
 
     POLL = 0.2
 

@@ -85,8 +85,11 @@ class Channel:
             raise Closed("tls-failed", _why(error)) from None
 
     def send(self, reply: Reply) -> None:
+        self.write(replies.encoded(reply))
+
+    def write(self, data: bytes) -> None:
         try:
-            self._send(replies.encoded(reply))
+            self._send(data)
         except OSError as error:
             raise _ended(error) from None
 

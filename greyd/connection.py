@@ -14,6 +14,7 @@ import ssl
 import struct
 import time
 
+READ_WAKE = 2.0        # seconds a read sleeps at most before it looks at its deadline
 TLS_CHUNK = 16709      # one TLS record at most (RFC 8446 5.2), read at a time
 TLS_FIRST_READ = 2048  # bytes a TLS read asks for, until one fills them (see _feed)
 
@@ -37,13 +38,16 @@ class Connection(io.RawIOBase):
 
     SLACK = 0.5
 
-    def __init__(self, sock: socket.socket, wake: float):
+    def __init__(self, sock: socket.socket, wake: float, early: bytes = b""):
+        """`early`: what was read from the socket before (by the reactor),
+        to be read first."""
         self.sock = sock                # blocking: accepted from a listener without a timeout
         self.deadline = time.monotonic() + wake
         self.wake = wake
         self._armed = wake          # the receive timeout the kernel has now
         self.tls: ssl.SSLObject | None = None   # after STARTTLS
         self._read_size = TLS_FIRST_READ
+        self._early = early
 
     def readable(self) -> bool:
         return True
@@ -52,6 +56,10 @@ class Connection(io.RawIOBase):
         self.deadline = time.monotonic() + seconds
 
     def readinto(self, buffer) -> int:
+        if self._early:
+            count = min(len(buffer), len(self._early))
+            buffer[:count], self._early = self._early[:count], self._early[count:]
+            return count
         if self.tls is not None:
             return self._tls_readinto(buffer)
         return self._receive(self.sock.recv_into, buffer)
@@ -87,6 +95,7 @@ class Connection(io.RawIOBase):
         then every read and write goes through it. Returns the protocol
         version, the cipher and its secret bits; raises OSError
         (ssl.SSLError, socket.timeout) when the handshake fails."""
+        self._early = b""               # plaintext sent ahead of the handshake: never read
         incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = context.wrap_bio(incoming, self._outgoing, server_side=True)
         self._incoming = incoming

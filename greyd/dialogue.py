@@ -37,36 +37,76 @@ class Dialogue:
         self.session, self.channel = session, channel
         self.failed = False               # an unexpected exception happened
         self.reason = ""                  # what ended it, when the end word is not enough
+        self.started = time.monotonic()
 
     def run(self) -> None:
-        started = time.monotonic()
+        """The whole session, on this thread."""
+        self.finish(self.converse)
+
+    def resume(self, channel: Channel, unsent: bytes = b"", deadline: float | None = None,
+               later: bool = False) -> None:
+        """The rest of a session a reactor began (reactor.py), on this
+        thread, over `channel`: first the bytes of its last reply it could
+        not send, or the reply to the command the session answered LATER;
+        then what that reply starts (a message, a handshake); then the next
+        command, due by `deadline` when the reactor was waiting for it."""
+        self.channel = channel
+        self.session.may_wait = True
+        self.finish(lambda: self.go_on(unsent, deadline, later))
+
+    def finish(self, converse: Callable[[], None]) -> None:
+        """`converse()`, then the end of the session, however it came."""
         try:
-            self.converse()
+            converse()
         except Closed as closed:
-            self.reason = closed.reason
-            self.closed(str(closed))
+            self.ended(closed)
         finally:
-            self.wrap_up(started)
+            self.wrap_up(self.started)
+
+    def ended(self, closed: Closed) -> None:
+        self.reason = closed.reason
+        self.closed(str(closed))
 
     def converse(self) -> None:
+        self.channel.send(self.guarded("greeting", self.session.greet, can_go_on=False))
+        self.commands()
+
+    def go_on(self, unsent: bytes, deadline: float | None, later: bool) -> None:
+        if unsent:
+            self.channel.write(unsent)
+        if later:
+            self.channel.send(self.guarded("command", self.session.resume))
+        self.after_reply()
+        self.commands(deadline)
+
+    def commands(self, deadline: float | None = None) -> None:
+        """Command after command until the session is done; the first one
+        due by `deadline` when given, each other within its timeout."""
         session, channel = self.session, self.channel
         stopping = session.ctx.stopping
-        channel.send(self.guarded("greeting", session.greet, can_go_on=False))
         while not session.done:
             if stopping.is_set() and session.envelope is None:
                 self.last_command()                  # no transaction to finish
                 return
-            channel.expect(self.command_timeout())   # the whole command line
+            # the whole command line
+            channel.expect(self.command_timeout() if deadline is None
+                           else deadline - time.monotonic())
+            deadline = None
             line = channel.command()
             channel.send(self.guarded("command", session.handle, line))
-            if session.starting_tls:
-                self.guarded("tls", self.start_tls, can_go_on=False)
-            elif session.receiving:
-                session.receiving = False
-                server = session.config.server
-                received = self.guarded("message", channel.message, server.max_message_size,
-                                        server.data_timeout, can_go_on=False)
-                channel.send(self.guarded("end of data", session.finish_data, received))
+            self.after_reply()
+
+    def after_reply(self) -> None:
+        """What the reply just sent starts: the TLS handshake, or the message."""
+        session = self.session
+        if session.starting_tls:
+            self.guarded("tls", self.start_tls, can_go_on=False)
+        elif session.receiving:
+            session.receiving = False
+            server = session.config.server
+            received = self.guarded("message", self.channel.message, server.max_message_size,
+                                    server.data_timeout, can_go_on=False)
+            self.channel.send(self.guarded("end of data", session.finish_data, received))
 
     def start_tls(self) -> None:
         """The handshake after STARTTLS's 220, bounded by tls.handshake_timeout

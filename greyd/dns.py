@@ -107,6 +107,11 @@ class PendingSpf:
                  deadline: float = 0.0, domain: str = ""):
         self._future, self.deadline, self.domain = future, deadline, domain
 
+    def ready(self) -> bool:
+        """True when `result()` would not wait."""
+        return (self._future is None or self._future.done()
+                or time.monotonic() >= self.deadline)
+
     def result(self) -> SpfResult:
         """The check's result; "temperror" when it is not done by the deadline."""
         if self._future is None:

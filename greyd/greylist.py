@@ -24,6 +24,11 @@ from .storage import Backend, Decision, StoreError, StoreHealth, StoreUnreachabl
 logger = logging.getLogger(__name__)
 
 
+class WouldWait(Exception):
+    """A decision asked not to wait would have waited for this process's
+    queued writes (`Recorder.settle`); nothing was decided."""
+
+
 class Explanation(NamedTuple):
     """What the greylister would do now, and the triplet's record it read."""
 
@@ -88,6 +93,13 @@ class Greylister:
         local = getattr(self.clock, "local", self.clock)    # under a store's time base
         return Greylister(config, backend, clock=backend.time_base(local))
 
+    @property
+    def at_once(self) -> bool:
+        """Whether a decision now waits on nothing but this host: a store
+        on it (SQLite) that is not failing (after a failure each decision
+        waits for its commit)."""
+        return self.backend.local and not self.health.down
+
     def count_session(self, tls: bool) -> None:
         """Count an ended session, over TLS or not, for `greyd stats` (by the
         wall clock: nothing is decided on it)."""
@@ -103,19 +115,20 @@ class Greylister:
         self.backend.close()
 
     def decide(self, request: policy.Request, session: str = "",
-               spf: Callable[[], SpfResult] | None = None) -> policy.Verdict:
+               spf: Callable[[], SpfResult] | None = None, wait: bool = True) -> policy.Verdict:
         """The verdict for one recipient now: queued for the store, and logged
         (with the session's id). A failing store gives on_store_error.
 
         `spf` gives the client's SPF result (waiting for a check under way);
         it is asked only when the answer can change the verdict (see
         `wants_spf`), so a whitelisted client, or a triplet passed under
-        its network, never waits for it."""
+        its network, never waits for it. Not `wait`: WouldWait, and nothing
+        decided, rather than wait for this process's queued writes."""
         started = time.perf_counter()
         now = self.clock()
         rules = self.rules
         try:
-            request, verdict = self._verdict(request, now, spf, settle=True)
+            request, verdict = self._verdict(request, now, spf, settle=True, wait=wait)
             self.recorder.record(Decision(verdict, now, rules.max_age))
             self.health.ok()
         except StoreError as error:
@@ -131,22 +144,23 @@ class Greylister:
 
     def _verdict(self, request: policy.Request, now: float,
                  spf: Callable[[], SpfResult] | None, *,
-                 settle: bool) -> tuple[policy.Request, policy.Verdict]:
+                 settle: bool, wait: bool = True) -> tuple[policy.Request, policy.Verdict]:
         """The verdict, and the request it was made on: with the SPF result
         when `wants_spf` asked for it. `settle`: after this process's queued
         writes about the same keys (a decision that will be recorded)."""
-        verdict = self._once(request, now, settle)
+        verdict = self._once(request, now, settle, wait)
         if spf is not None and self.wants_spf(verdict):
             result = spf()
             if result.result:
                 request = request._replace(spf=result.result, spf_domain=result.domain)
-                verdict = self._once(request, now, settle)
+                verdict = self._once(request, now, settle, wait)
         return request, verdict
 
-    def _once(self, request: policy.Request, now: float, settle: bool) -> policy.Verdict:
+    def _once(self, request: policy.Request, now: float, settle: bool,
+              wait: bool = True) -> policy.Verdict:
         keys = policy.keys(request, self.rules)
-        if settle:
-            self.recorder.settle(keys)
+        if settle and not self.recorder.settle(keys, wait):
+            raise WouldWait
         with self.backend.facts(keys.network, keys.triplet) as facts:
             return policy.decide(request, self.rules, facts, now, keys)
 

@@ -55,6 +55,8 @@ logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
 class PgBackend:
     """A pool of connections to one PostgreSQL database, for the threads of a process."""
 
+    local = False
+
     def __init__(self, url: str, timeout: float):
         self.url, self.timeout = url, timeout
         self._pool: ConnectionPool | None = None

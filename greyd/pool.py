@@ -75,6 +75,8 @@ class FileWatch:
 class StorePool:
     """SQLite connections to one database file, lent to the threads of a process."""
 
+    local = True
+
     def __init__(self, path: Path | str, keep: int = KEEP):
         self.path = Path(path)
         self._where = str(self.path)            # for the stat at each borrow: no __fspath__

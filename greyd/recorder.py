@@ -107,16 +107,19 @@ class Recorder:
             self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
             self._thread.start()
 
-    def settle(self, keys: Keys) -> None:
+    def settle(self, keys: Keys, wait: bool = True) -> bool:
         """Wait until no queued verdict of this process concerns the network
         or a triplet of `keys`, so a decision about them reads what came
         before it. Not while the store is down: then each session waits for
         its own commit (record), and the writes it would wait for are likely
-        to fail."""
+        to fail. False, at once, when it would wait and `wait` is False."""
         pending = self._pending
         if pending and not self.health.down and (
                 keys.network in pending or any(t in pending for t in keys.triplets)):
+            if not wait:
+                return False
             self._wait(self._queued)
+        return True
 
     def flush(self) -> None:
         """Wait until everything queued so far is committed (or has failed),

@@ -133,6 +133,9 @@ UPSTREAM_AT_DATA = Reply.of(451, "4.4.2 Upstream mail server failed during deliv
 LOCAL_ERROR = Reply.of(451, "4.3.0 Temporary local problem, try again later")
 LOCAL_ERROR_CLOSING = Reply.of(421, "4.3.0 Temporary local problem, closing connection")
 
+# Never sent: the session's answer to a command whose reply must wait (Session.resume).
+LATER = Reply.of(0, "later")
+
 TIMEOUT = Reply.of(421, "4.4.2 Error: timeout exceeded, closing connection")
 TOO_MANY_ERRORS = Reply.of(421, "4.7.0 Error: too many errors, closing connection")
 SHUTTING_DOWN = Reply.of(421, "4.3.2 Service shutting down, closing connection")

@@ -1,59 +1,36 @@
 """Listening sockets and threads: socketserver glue around `smtp.Session`.
 
-Each accepted client gets a `connection.Connection` (its socket with a
-deadline, TLS after STARTTLS), a `channel.Channel` over it and a session.
-
 One `Listener` (a ThreadingTCPServer) per listen address, all sharing one
-`Context` and one `Admission` (the connection limits). A thread per client
-runs its session's `Dialogue`; the threads take their clients from accept()
-themselves (`Listener.serve`). `Daemon` binds everything, serves, and stops
-gracefully: no new connections, sessions with no transaction under way are
-told 421 4.3.2 at once, the others get up to `grace` seconds to finish,
-then the rest are told 421 4.3.2 too. Whatever escapes a session is logged
-by `Listener.handle_error`, never only written to standard error.
+`Context` and one `Admission` (the connection limits). Each listener's
+`reactor.Reactor` accepts its clients and serves their sessions on one
+thread while they answer at once; a session that would wait goes on in a
+thread of its own (the listener's `Crew`), over a `connection.Connection`
+(its socket with a deadline, TLS after STARTTLS) and a `channel.Channel`.
+`Daemon` binds everything, serves, and stops gracefully: no new
+connections, sessions with no transaction under way are told 421 4.3.2 at
+once, the others get up to `grace` seconds to finish, then the rest are
+told 421 4.3.2 too. Whatever escapes a session is logged by
+`Listener.handle_error`, never only written to standard error.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import socket
 import socketserver
-import threading
-import time
 
 from . import log, metrics, tls
 from .admission import Admission, LocalCounts, SharedCounts
-from .channel import READ_BUFFER, Channel
-from .connection import Connection, timeval
+from .connection import READ_WAKE, timeval
 from .context import Context
-from .dialogue import Dialogue
 from .ip import client_text
-from .smtp import Session
+from .reactor import Crew, Reactor
 from .values import format_hostport
 
 GRACE = 30.0           # seconds sessions may finish after a stop (SPEC §3)
 REFUSE_TIMEOUT = 2.0   # bound on writing a 421 to a refused connection
-IDLE_THREADS = 16      # threads waiting in accept() per listener after a burst; more exit
-IDLE_TIMEOUT = 2.0     # seconds a surplus waiting thread stays without a client
-ACCEPT_PAUSE = 0.05    # seconds before accept() is tried again after it failed
 
 logger = logging.getLogger(__name__)
-
-
-class Handler(socketserver.BaseRequestHandler):
-    server: "Listener"
-
-    def handle(self) -> None:
-        sock = self.request
-        conn = Connection(sock, IDLE_TIMEOUT)       # TCP_NODELAY and timeouts: its listener's
-        session = Session(self.server.ctx, client_text(self.client_address[0]))
-        self.server.admission.attach(sock, session)
-        # The channel alone holds the reader: STARTTLS replaces it, and the old
-        # one's buffer must go with it.
-        channel = Channel(io.BufferedReader(conn, READ_BUFFER), conn.send, conn.expect,
-                          conn.start_tls)
-        Dialogue(session, channel).run()
 
 
 class Listener(socketserver.ThreadingTCPServer):
@@ -65,12 +42,11 @@ class Listener(socketserver.ThreadingTCPServer):
         # Several workers each bind their own socket to the address (SO_REUSEPORT),
         # and the kernel spreads the connections among them.
         self.allow_reuse_port = reuse_port
-        self._lock = threading.Lock()
-        self._waiting = 0           # threads in (or on their way to) accept()
-        self._closing = False
+        self.closing = False
+        self.reactor: Reactor | None = None
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.ctx, self.admission = ctx, admission
-        super().__init__(address, Handler, bind_and_activate=False)
+        super().__init__(address, socketserver.BaseRequestHandler, bind_and_activate=False)
         try:
             if self.address_family == socket.AF_INET6:
                 self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -85,76 +61,29 @@ class Listener(socketserver.ThreadingTCPServer):
         """What each accepted socket inherits from the listening one (Linux):
         TCP_NODELAY (replies go out at once), the send timeout
         (server.command_timeout: a client that does not read is let go),
-        and a receive timeout of IDLE_TIMEOUT, which bounds accept() here
-        and, in a session, how long a read sleeps before it looks at its
-        deadline again (`Connection`). Set once here, not for each client."""
+        and a receive timeout of READ_WAKE, how long a read in a session's
+        thread sleeps before it looks at its deadline again (`Connection`).
+        Set once here, not for each client."""
         sock = self.socket
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         timeval(self.ctx.config.server.command_timeout))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(IDLE_TIMEOUT))
-
-    # -- serving: threads that accept their own clients -----------------------
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(READ_WAKE))
 
     def serve(self) -> None:
-        """Start serving: one thread waits in accept(); whenever it admits a
-        client, it first makes sure another thread waits (starting one if
-        none does), then runs the session, then goes back to accept().
-
-        Each client still has a thread of its own for its whole session, as
-        with ThreadingMixIn; but no listener thread polls, accepts and hands
-        over, and a busy daemon starts no thread per connection. Threads
-        left waiting after a burst leave once IDLE_TIMEOUT passes with no
-        client (the kernel's SO_RCVTIMEO bounds accept()), down to one.
-        """
-        with self._lock:
-            self._waiting += 1
-        self._spawn()
-
-    def _spawn(self) -> None:
-        threading.Thread(target=self._accept_loop, name="session", daemon=True).start()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                request, client_address = self.get_request()
-            except BlockingIOError:             # IDLE_TIMEOUT without a client
-                with self._lock:
-                    if self._closing or self._waiting > 1:
-                        self._waiting -= 1
-                        return
-                continue
-            except OSError:
-                if self._closing:
-                    return
-                time.sleep(ACCEPT_PAUSE)        # EMFILE, ENOBUFS: let sessions end first
-                continue
-            if not self.verify_request(request, client_address):
-                self.shutdown_request(request)  # refused: no session, no new thread
-                continue
-            with self._lock:
-                self._waiting -= 1
-                spawn = not self._waiting and not self._closing
-                self._waiting += spawn
-            if spawn:
-                self._spawn()
-            metrics.connections(1)
-            self.process_request_thread(request, client_address)
-            metrics.connections(-1)
-            request = client_address = None     # the session's objects go now, not later
-            with self._lock:
-                if self._closing or self._waiting >= IDLE_THREADS:
-                    return
-                self._waiting += 1
+        """Start serving: the reactor's thread accepts the clients."""
+        self.reactor = Reactor(self, Crew())
+        self.reactor.start()
 
     def stop_accepting(self) -> None:
-        """No new clients: the threads waiting in accept() return (sessions go on)."""
-        with self._lock:
-            self._closing = True
+        """No new clients (sessions go on)."""
+        self.closing = True
         try:
-            self.socket.shutdown(socket.SHUT_RD)    # wakes every accept() with EINVAL
+            self.socket.shutdown(socket.SHUT_RD)
         except OSError:
             pass
+        if self.reactor is not None:
+            self.reactor.wake()
 
     def verify_request(self, request, client_address) -> bool:
         refusal = self.admission.admit(request, client_text(client_address[0]))

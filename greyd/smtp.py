@@ -17,12 +17,14 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import log, message, policy, replies
 from .address import PathError, mail_params, parse, rcpt_params
 from .channel import COMMAND_LIMIT, DSN_ALLOWANCE, MAIL_ALLOWANCE, SMTPUTF8_ALLOWANCE, Received
 from .context import Context
 from .dns import NO_SPF, ClientDNS, Pending, PendingSpf
+from .greylist import WouldWait
 from .relay import Relay
 from .replies import Reply
 
@@ -84,6 +86,10 @@ class Session:
         self.starting_tls = False         # STARTTLS said 220: the handshake comes next
         self.tls: tuple[str, str, int] | None = None   # (protocol, cipher, bits) once on
         self.done = False
+        # False while the read loop must not wait (see `answers_at_once`): a
+        # recipient accepted then is answered LATER, by `resume`.
+        self.may_wait = True
+        self._later: tuple[str, Callable[[], Reply]] | None = None
 
     @property
     def idle(self) -> bool:
@@ -107,6 +113,12 @@ class Session:
         client cannot hold a connection for ever with commands that move no mail.
         """
         verb, reply = self.dispatch(line)
+        if reply is replies.LATER:
+            return reply
+        return self.counted(verb, reply)
+
+    def counted(self, verb: str, reply: Reply) -> Reply:
+        """`reply`, after counting it toward max_errors (see `handle`)."""
         if verb in JUNK:
             self.junk += 1
         if ((reply.code in replies.ERROR_CODES and replies.is_error(reply))
@@ -117,6 +129,30 @@ class Session:
                 self.end = "errors"
                 return replies.TOO_MANY_ERRORS
         return reply
+
+    def answers_at_once(self, line: bytes) -> bool:
+        """Whether `handle(line)` can answer without waiting on the network:
+        a read loop that serves many sessions on one thread asks, and hands
+        the session to a thread of its own when not. Only a RCPT, and a MAIL
+        that may start an SPF check, read the store; a RCPT may also wait for
+        the DNS lookups; and one that is accepted would open the upstream,
+        which `may_wait` False defers (LATER). The greylister says whether
+        its store answers at once (SQLite, and not failing)."""
+        verb = line[:4].upper()
+        if verb == b"RCPT":
+            pending = self._pending
+            return (self.greylister.at_once and self._spf.ready()
+                    and (self.dns is not None or (pending is not None and pending.ready())))
+        if verb == b"MAIL":
+            return self.greylister.at_once or not self.ctx.lookup.enabled
+        return self.relay is None
+
+    def resume(self) -> Reply:
+        """The reply to the command `handle` answered LATER: the waiting it
+        put off, done now."""
+        verb, act = self._later
+        self._later = None
+        return self.counted(verb, act())
 
     def dispatch(self, line: bytes) -> tuple[str, Reply]:
         """The command's verb (upper case; "" when unreadable) and its reply."""
@@ -247,14 +283,26 @@ class Session:
             return replies.NEED_SMTPUTF8
         if envelope.attempts >= self.config.server.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
+        try:
+            verdict = self.greylister.decide(self.request(path.address), self.id,
+                                             spf=self._spf.result, wait=self.may_wait)
+        except WouldWait:                   # the whole command again, when it may wait
+            self._later = ("RCPT", lambda: self.smtp_RCPT(arg))
+            return replies.LATER
         envelope.attempts += 1
-        verdict = self.greylister.decide(self.request(path.address), self.id,
-                                         spf=self._spf.result)
         if verdict.action != policy.ACCEPT:
             return refusal(verdict)
-        reply = self.forward_rcpt(envelope, path.address, dsn)
+        if not self.may_wait:               # the upstream, opened or asked, would keep it
+            self._later = ("RCPT", lambda: self.accepted(envelope, path.address, dsn, verdict))
+            return replies.LATER
+        return self.accepted(envelope, path.address, dsn, verdict)
+
+    def accepted(self, envelope: Envelope, recipient: str, dsn: tuple[str, ...],
+                 verdict: policy.Verdict) -> Reply:
+        """A recipient the greylister accepted: relayed, and added when the upstream takes it."""
+        reply = self.forward_rcpt(envelope, recipient, dsn)
         if reply.ok:
-            envelope.recipients.append(path.address)
+            envelope.recipients.append(recipient)
             if verdict.reason == "passed":
                 envelope.delayed = max(envelope.delayed, verdict.delayed)
         return reply

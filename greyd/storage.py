@@ -50,6 +50,8 @@ Sessions = Mapping[tuple[int, str], int]   # (hour, kind): sessions that ended
 class Backend(Protocol):
     """A store as the greylister uses it. Every method may raise StoreError."""
 
+    local: bool     # on this host (a file): a read waits on no other host
+
     def open(self) -> None:
         """Create or migrate the schema and check the store can be written."""
 

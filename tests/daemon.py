@@ -27,7 +27,7 @@ ROOT = os.geteuid() == 0
 # As root, drop the capabilities that would hide permission errors.
 UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-net_bind_service", "--"]
 DELAY = 3   # seconds: short, yet long enough that an early retry is early on a busy machine
-BASE_THREADS = 4   # an idle daemon: main, log and store writers, one thread in accept()
+BASE_THREADS = 4   # an idle daemon: main, log and store writers, the listener's reactor
 
 
 def greyd(*args: str, config: Path | None = None, prefix: list[str] = (), **kwargs):

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import until
 from daemon import DELAY, ROOT, UNPRIVILEGED, Foreground, config_for, greyd, threads, wait_listening
-from greyd.server import IDLE_TIMEOUT
+from greyd.reactor import IDLE_TIMEOUT
 from smtpclient import deliver
 from upstream import free_port
 
@@ -92,7 +92,20 @@ def test_a_stop_signal_taken_by_another_thread_still_stops_it(tmp_path, upstream
     assert "stopped" in daemon.stderr
 
 
-def test_serves_ipv4_and_ipv6_with_a_thread_per_client(tmp_path, upstream, port):
+def reply(lines) -> int:
+    """The code of the next reply on the client's line reader (multi-line read whole)."""
+    while (line := lines.readline())[3:4] == b"-":
+        pass
+    return int(line[:3])
+
+
+def test_sessions_run_on_the_reactor_until_one_would_wait_then_on_a_thread(
+        tmp_path, upstream, port):
+    """Sessions that answer at once take no thread of their own: here the
+    IPv4 clients', greylisted. A recipient accepted (the upstream is opened)
+    moves its session to a thread: here the IPv6 clients', trusted. Such a
+    thread waits for the next session after its own, and leaves once
+    IDLE_TIMEOUT passes without one."""
     probe = socket.socket(socket.AF_INET6)
     try:
         probe.bind(("::1", 0))
@@ -101,29 +114,31 @@ def test_serves_ipv4_and_ipv6_with_a_thread_per_client(tmp_path, upstream, port)
     finally:
         probe.close()
     v6 = free_port("::1")
-    config = config_for(tmp_path, upstream.port, port)
+    config = config_for(tmp_path, upstream.port, port, relay={"clients": ["::1/128"]})
     with Foreground(config, "--listen", f"127.0.0.1:{port}", "--listen", f"[::1]:{v6}") as daemon:
         wait_listening(port)
         wait_listening(v6, "::1")
-        # Every client has a thread of its own, and each listener keeps one more
-        # waiting in accept(); threads whose sessions ended wait there too for
-        # the next clients, until IDLE_TIMEOUT passes without one.
-        pid, listeners = daemon.proc.pid, 2
-        clients = []
-        for total in (6, 12):
-            while len(clients) < total:
-                i = len(clients)
-                clients.append(socket.create_connection(
-                    ("::1" if i % 2 else "127.0.0.1", v6 if i % 2 else port), timeout=5))
-            for client in clients:
-                client.settimeout(5)
-            for client in clients[total - 6:]:
-                assert client.recv(100).startswith(b"220 mx.greyd.test ESMTP greyd")
-            assert until(lambda: threads(pid) >= 1 + total + listeners, 5)
-        for client in clients:
+        # the main thread, the log and store writers, one reactor per listener
+        pid, base = daemon.proc.pid, 3 + 2
+        assert until(lambda: threads(pid) == base, 5)
+        clients = [socket.create_connection(("::1" if i % 2 else "127.0.0.1",
+                                             v6 if i % 2 else port), timeout=5)
+                   for i in range(12)]
+        lines = [client.makefile("rb") for client in clients]
+        for i, (client, said) in enumerate(zip(clients, lines)):
+            assert said.readline().startswith(b"220 mx.greyd.test ESMTP greyd")
+            sender = b"sender-" + bytes([ord("a") + i])          # a triplet of its own
+            client.sendall(b"EHLO client.example.net\r\nMAIL FROM:<%s@example.net>\r\n" % sender)
+            assert (reply(said), reply(said)) == (250, 250)
+        assert until(lambda: threads(pid) == base, 5)
+        for i, (client, said) in enumerate(zip(clients, lines)):
+            client.sendall(b"RCPT TO:<user@example.org>\r\n")
+            assert reply(said) == (250 if i % 2 else 451)
+        assert threads(pid) == base + 6
+        for client, said in zip(clients, lines):
+            said.close()
             client.close()
-        # the main thread, the log and store writers, one thread in accept() per listener
-        assert until(lambda: threads(pid) == 3 + listeners, 4 * IDLE_TIMEOUT + 5)
+        assert until(lambda: threads(pid) == base, 4 * IDLE_TIMEOUT + 5)
         assert daemon.stop() == 0
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import json
 import re
+import select
 import smtplib
 import time
 
@@ -362,6 +363,25 @@ def test_a_silent_resolver_delays_the_rcpt_by_at_most_dns_timeout(
     assert code == 451
     assert elapsed < timeout + 1.0, f"RCPT answered after {elapsed:.2f} s"
     assert dns_server.count(PTR1, "PTR") >= 1
+
+
+def test_a_rcpt_that_waits_for_the_resolver_keeps_no_other_session_waiting(
+        start_greyd, upstream, dns_server):
+    """The sessions that answer at once share one thread (the reactor); one
+    whose RCPT must wait for its client's lookups goes on in a thread of its
+    own, and the others are served meanwhile."""
+    dns_server.mode(PTR1, TIMEOUT)
+    g = start(start_greyd, upstream.port, dns_server, timeout=2)
+    slow = g.smtp("127.0.0.1")
+    slow.mail("alice@example.net")
+    slow.putcmd("rcpt", "TO:<bob@localhost>")       # answered once the lookups time out
+    quick = g.smtp("127.0.0.2")
+    quick.mail("carol@example.net")
+    assert quick.rcpt("dave@localhost")[0] == 451
+    assert quick.quit()[0] == 221
+    assert select.select([slow.sock], [], [], 0)[0] == []     # still waiting
+    assert slow.getreply()[0] == 451
+    assert slow.quit()[0] == 221
 
 
 # -- 6. cache ----------------------------------------------------------------------------------

@@ -162,6 +162,8 @@ class MemoryStore:
     protocol, so another database is one module beside store.py.
     """
 
+    local = True            # in this process: a read waits on no other host
+
     def __init__(self):
         self.memory = MemoryFacts()
         self.opened = self.closed = False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -13,7 +15,7 @@ import pytest
 from conftest import until, write_config
 from greyd import config as configuration, replies
 from greyd.dialogue import STRESS_TIMEOUT
-from greyd.server import IDLE_TIMEOUT
+from greyd.connection import READ_WAKE as IDLE_TIMEOUT
 from greyd.smtp import JUNK_LIMIT
 
 pytestmark = pytest.mark.timeout(30)
@@ -96,6 +98,28 @@ def session_socket(g) -> socket.socket:
 def timeval(sock: socket.socket, option: int) -> float:
     seconds, micros = struct.unpack("@ll", sock.getsockopt(socket.SOL_SOCKET, option, 16))
     return seconds + micros / 1e6
+
+
+def test_a_rcpt_that_would_wait_for_a_commit_waits_on_a_thread_of_its_own(greyd):
+    """A decision about a triplet whose verdict is still queued waits for
+    its commit (`Recorder.settle`): that session goes on in a thread of its
+    own, and the other sessions are answered by the reactor meanwhile."""
+    locker = sqlite3.connect(greyd.config.database.path, isolation_level=None)
+    first, retry, other = greyd.smtp(), greyd.smtp(), greyd.smtp()
+    for client, sender in ((first, "alice"), (retry, "alice"), (other, "carol")):
+        client.mail(f"{sender}@example.net")
+    locker.execute("BEGIN IMMEDIATE")              # the store's writer waits behind this
+    try:
+        assert first.rcpt("bob@localhost")[0] == 451         # queued, not committed
+        retry.putcmd("rcpt", "TO:<bob@localhost>")          # the same triplet: waits
+        assert other.rcpt("dave@localhost")[0] == 451
+        assert select.select([retry.sock], [], [], 0.2)[0] == []
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert retry.getreply()[0] == 451
+    for client in (first, retry, other):
+        assert client.quit()[0] == 221
 
 
 def test_sessions_get_their_socket_options_from_the_listener_and_a_reload(

@@ -109,13 +109,17 @@ def test_threads_run_under_sched_batch_and_each_worker_on_one_cpu(
         workers = running_workers(master)
         clients = [Raw(port) for _ in range(3)]
         assert [client.greeting[0] for client in clients] == [220] * 3
+        for client in clients:              # a line too long: read on a thread of its own
+            client.send(b"x" * 2000)
+        assert until(lambda: len(thread_policies({master, *workers}))
+                     >= 1 + WORKERS * 3 + len(clients), 5)
         policies = thread_policies({master, *workers})
         cpus = sorted(os.sched_getaffinity(master))
         bound = sorted(sorted(os.sched_getaffinity(pid)) for pid in workers)
         for client in clients:
             client.close()
         assert daemon.stop() == 0
-    assert len(policies) >= 1 + WORKERS * 3 + len(clients)   # main, writer, accept(), sessions
+    assert len(policies) >= 1 + WORKERS * 3 + len(clients)   # main, writer, reactor, sessions
     assert set(policies.values()) == {policy}, policies
     # Each worker on one CPU of the master's, round robin; the master unbound.
     assert cpus == sorted(os.sched_getaffinity(0))
@@ -141,7 +145,10 @@ def test_a_one_process_greyd_runs_all_its_threads_on_one_cpu(tmp_path, upstream,
             wait_listening(port)
             clients = [Raw(port) for _ in range(3)]
             assert [client.greeting[0] for client in clients] == [220] * 3
+            for client in clients:          # a line too long: read on a thread of its own
+                client.send(b"x" * 2000)
             pid = daemon.proc.pid
+            assert until(lambda: len(os.listdir(f"/proc/{pid}/task")) >= 4 + len(clients), 5)
             cpus = {}
             for task in map(int, os.listdir(f"/proc/{pid}/task")):
                 try:
@@ -155,7 +162,7 @@ def test_a_one_process_greyd_runs_all_its_threads_on_one_cpu(tmp_path, upstream,
         if busy is not None:
             busy.kill()
             busy.wait()
-    assert len(cpus) >= 3 + len(clients)        # main, log, accept(), sessions
+    assert len(cpus) >= 4 + len(clients)        # main, log, store, reactor, sessions
     assert len({tuple(bound) for bound in cpus.values()}) == 1, cpus
     (bound,) = set(map(tuple, cpus.values()))
     assert len(bound) == 1 and bound[0] in allowed

@@ -1,0 +1,335 @@
+"""The first steps of every session, many sessions on one thread.
+
+Most sessions an MX sees are short and never wait on anything: greeting,
+HELO, MAIL, a RCPT greylisted, RSET or QUIT (spam that will not retry).
+With a thread per client, each of those lines wakes the client's thread,
+which takes the GIL from another and sleeps again at the next read: two
+context switches per command. A `Reactor` instead waits for all of its
+listener's clients at once (epoll, through `selectors`), reads whatever
+lines came, and has each session answer them in turn on its one thread.
+
+It does only what answers at once (`Session.answers_at_once`). As soon as
+a session would wait, the reactor hands it over to a thread of the `Crew`
+with what it had read and not used yet, and there its `Dialogue` goes on
+as if it had run on that thread from the start; it never comes back. A
+session is handed over when
+
+- a recipient is accepted (the upstream is opened and asked in lockstep),
+  or a RCPT would wait for the DNS lookups or for a store on another host
+  (PostgreSQL), or one that is failing;
+- its reply starts a message (354) or a TLS handshake (220 to STARTTLS);
+- its client goes quiet past the deadline of its command, sends a line
+  too long, or does not read its replies;
+- greyd is stopping.
+
+So every edge of the SMTP dialogue (timeouts, the 421s, the message, TLS)
+has one implementation, the thread's, and the reactor only the common path.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import selectors
+import socket
+import threading
+import time
+from typing import Callable
+
+from . import metrics, replies
+from .channel import LINE_LIMIT, READ_BUFFER, Channel, Closed
+from .connection import READ_WAKE, Connection
+from .dialogue import Dialogue
+from .ip import client_text
+from .smtp import Session
+
+ACCEPT_BATCH = 64      # connections accepted per wake-up at most, before the sessions' lines
+ACCEPT_PAUSE = 0.05    # seconds before accept() is tried again after it failed (EMFILE)
+IDLE_THREADS = 16      # crew threads kept waiting after a burst; more leave
+IDLE_TIMEOUT = 2.0     # seconds a surplus crew thread stays without a session
+
+logger = logging.getLogger(__name__)
+
+
+class Early:
+    """A session while the reactor serves it: the client's socket, the
+    dialogue, what was read and not used yet, the deadline of the next
+    command line, and what the last reply could not send at once."""
+
+    __slots__ = ("sock", "address", "dialogue", "buffer", "deadline", "unsent")
+
+    def __init__(self, sock: socket.socket, address):
+        self.sock, self.address = sock, address
+        self.dialogue: Dialogue | None = None
+        self.buffer = b""
+        self.deadline = 0.0
+        self.unsent = b""
+
+    def send(self, data: bytes) -> None:
+        """What the kernel takes now; the rest waits for the session's thread,
+        which also meets again whatever error the socket gave."""
+        if not self.unsent:
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.unsent += data
+
+
+class Reactor:
+    """The sessions of one listener until each answers at once no longer."""
+
+    def __init__(self, listener, crew: "Crew"):
+        self.listener, self.crew = listener, crew
+        self.selector = selectors.DefaultSelector()
+        self.early: set[Early] = set()
+        self.earliest = float("inf")          # no deadline before this one
+        self.accepting = True
+        self.paused_until = 0.0               # accept() failed: tried again then
+        self._wake, self._woken = socket.socketpair()
+        self.selector.register(self._woken, selectors.EVENT_READ, self._drain)
+        self.selector.register(listener.socket, selectors.EVENT_READ, self._accept)
+        listener.socket.setblocking(False)    # accepted sockets still block (their own flags)
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, name="reactor", daemon=True).start()
+
+    def wake(self) -> None:
+        """Have the loop look at the listener again (it is closing)."""
+        try:
+            self._wake.send(b"x", socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        try:
+            while self.accepting or self.early:
+                self._turn()
+        finally:
+            self.selector.close()
+            self._wake.close()
+            self._woken.close()
+
+    def _turn(self) -> None:
+        """One wait for the sockets, and what is due then."""
+        now = time.monotonic()
+        if now >= self.earliest:
+            self._sweep(now)
+        if self.accepting and self.listener.closing:
+            self._stop_accepting()
+        timeout = None if not self.early else max(0.0, self.earliest - now)
+        if self.paused_until:
+            if now >= self.paused_until:
+                self.paused_until = 0.0
+                self.selector.register(self.listener.socket, selectors.EVENT_READ, self._accept)
+            else:
+                wait = self.paused_until - now
+                timeout = wait if timeout is None else min(timeout, wait)
+        for key, _ in self.selector.select(timeout):
+            data = key.data
+            try:
+                if type(data) is Early:
+                    self._readable(data)
+                else:
+                    data(key.fileobj)
+            except Exception:                       # noqa: BLE001 - logged, the loop goes on
+                logger.exception("reactor error")
+                if type(data) is Early and data in self.early:
+                    self._forget(data)
+                    self._hand_off(data, deadline=data.deadline)
+
+    # -- the listener ---------------------------------------------------------------------
+
+    def _drain(self, sock: socket.socket) -> None:
+        try:
+            sock.recv(64, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+    def _accept(self, _) -> None:
+        listener = self.listener
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.get_request()
+            except BlockingIOError:
+                return
+            except OSError:
+                if listener.closing:
+                    self._stop_accepting()
+                else:                               # EMFILE, ENOBUFS: let sessions end first
+                    self._unregister(listener.socket)
+                    self.paused_until = time.monotonic() + ACCEPT_PAUSE
+                return
+            if not listener.verify_request(sock, address):
+                listener.shutdown_request(sock)     # refused: no session
+                continue
+            self._begin(sock, address)
+
+    def _stop_accepting(self) -> None:
+        self.accepting = False
+        if not self.paused_until:
+            self._unregister(self.listener.socket)
+        self.paused_until = 0.0
+
+    def _unregister(self, fileobj) -> None:
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def _begin(self, sock: socket.socket, address) -> None:
+        listener = self.listener
+        metrics.connections(1)
+        early = Early(sock, address)
+        session = Session(listener.ctx, client_text(address[0]))
+        session.may_wait = False
+        listener.admission.attach(sock, session)
+        dialogue = early.dialogue = Dialogue(session, Channel(None, early.send, None))
+        try:
+            dialogue.channel.send(dialogue.guarded("greeting", session.greet, can_go_on=False))
+        except Closed as closed:
+            dialogue.ended(closed)
+            self._end(early)
+            return
+        if early.unsent:
+            self._hand_off(early)
+            return
+        self._expect(early, time.monotonic())
+        self.early.add(early)
+        self.selector.register(sock, selectors.EVENT_READ, early)
+
+    def _expect(self, early: Early, now: float) -> None:
+        early.deadline = deadline = now + early.dialogue.command_timeout()
+        if deadline < self.earliest:
+            self.earliest = deadline
+
+    def _sweep(self, now: float) -> None:
+        """Clients quiet past their deadline go to a thread, which says 421."""
+        earliest = float("inf")
+        for early in list(self.early):
+            if early.deadline <= now:
+                self._forget(early)
+                self._hand_off(early, deadline=early.deadline)
+            elif early.deadline < earliest:
+                earliest = early.deadline
+        self.earliest = earliest
+
+    def _readable(self, early: Early) -> None:
+        try:
+            data = early.sock.recv(READ_BUFFER, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""                      # a reset: the client is gone as well
+        if not data:                        # the client left, or greyd is stopping (421)
+            self._forget(early)
+            early.dialogue.ended(Closed("disconnect"))
+            self._end(early)
+            return
+        early.buffer = early.buffer + data if early.buffer else data
+        self._answer(early)
+
+    def _answer(self, early: Early) -> None:
+        """Each whole line read, answered, while the session answers at once."""
+        dialogue = early.dialogue
+        session = dialogue.session
+        while True:
+            buffer = early.buffer
+            end = buffer.find(b"\n")
+            if end < 0 and len(buffer) <= LINE_LIMIT:
+                return                      # the rest of the line is on its way
+            if (end < 0 or end > LINE_LIMIT or session.ctx.stopping.is_set()
+                    or not session.answers_at_once(buffer)):
+                self._forget(early)
+                self._hand_off(early, deadline=early.deadline)
+                return
+            line, early.buffer = buffer[:end + 1], buffer[end + 1:]
+            reply = dialogue.guarded("command", session.handle, line)
+            if reply is replies.LATER:
+                self._forget(early)
+                self._hand_off(early, later=True)
+                return
+            dialogue.channel.send(reply)
+            if early.unsent or session.starting_tls or session.receiving:
+                self._forget(early)
+                self._hand_off(early)
+                return
+            if session.done:
+                self._forget(early)
+                self._end(early)
+                return
+            self._expect(early, time.monotonic())
+
+    def _forget(self, early: Early) -> None:
+        self.early.discard(early)
+        self._unregister(early.sock)
+
+    def _end(self, early: Early) -> None:
+        """The session ended here (QUIT, too many errors): its last line, the socket closed."""
+        listener = self.listener
+        try:
+            early.dialogue.wrap_up(early.dialogue.started)
+        except Exception:                           # noqa: BLE001 - logged by the listener
+            listener.handle_error(early.sock, early.address)
+        finally:
+            listener.shutdown_request(early.sock)
+            metrics.connections(-1)
+
+    def _hand_off(self, early: Early, deadline: float | None = None, later: bool = False) -> None:
+        self.crew.run(lambda: self._go_on(early, deadline, later))
+
+    def _go_on(self, early: Early, deadline: float | None, later: bool) -> None:
+        """On a crew thread: the rest of the session (`Dialogue.resume`)."""
+        listener, sock = self.listener, early.sock
+        try:
+            conn = Connection(sock, READ_WAKE, early.buffer)
+            channel = Channel(io.BufferedReader(conn, READ_BUFFER), conn.send, conn.expect,
+                              conn.start_tls)
+            early.dialogue.resume(channel, early.unsent, deadline, later)
+        except Exception:                           # noqa: BLE001 - logged by the listener
+            listener.handle_error(sock, early.address)
+        finally:
+            listener.shutdown_request(sock)
+            metrics.connections(-1)
+
+
+class Crew:
+    """Threads for the sessions handed over: an idle one takes the next,
+    else a new one starts; after a burst up to IDLE_THREADS wait for more,
+    and leave after IDLE_TIMEOUT without one."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0              # threads waiting for a job that none is queued for
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.put(job)
+                return
+        threading.Thread(target=self._work, args=(job,), name="session", daemon=True).start()
+
+    def _work(self, job: Callable[[], None]) -> None:
+        while True:
+            job()
+            job = None                              # the session's objects go now
+            with self._lock:
+                if self._idle >= IDLE_THREADS:
+                    return
+                self._idle += 1
+            try:
+                job = self._jobs.get(timeout=IDLE_TIMEOUT)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._idle -= 1
+                        return
+                    job = self._jobs.get_nowait()
