@@ -48,6 +48,7 @@ class Connection(io.RawIOBase):
         self.tls: ssl.SSLObject | None = None   # after STARTTLS
         self._read_size = TLS_FIRST_READ
         self._early = early
+        self.untouched = True           # nothing read through it yet
 
     def readable(self) -> bool:
         return True
@@ -55,7 +56,12 @@ class Connection(io.RawIOBase):
     def expect(self, seconds: float) -> None:
         self.deadline = time.monotonic() + seconds
 
+    def unread(self) -> bytes | None:
+        """`early`, when nothing has been read through the connection yet."""
+        return self._early if self.untouched else None
+
     def readinto(self, buffer) -> int:
+        self.untouched = False
         if self._early:
             count = min(len(buffer), len(self._early))
             buffer[:count], self._early = self._early[:count], self._early[count:]

@@ -43,25 +43,48 @@ class Dialogue:
         """The whole session, on this thread."""
         self.finish(self.converse)
 
-    def resume(self, channel: Channel, unsent: bytes = b"", deadline: float | None = None,
-               later: bool = False) -> None:
+    def resume(self, channel: Channel, *, unsent: bytes = b"", line: bytes | None = None,
+               later: bool = False, deadline: float | None = None,
+               back: Callable[[], bool] | None = None) -> bool:
         """The rest of a session a reactor began (reactor.py), on this
         thread, over `channel`: first the bytes of its last reply it could
-        not send, or the reply to the command the session answered LATER;
-        then what that reply starts (a message, a handshake); then the next
-        command, due by `deadline` when the reactor was waiting for it."""
+        not send; the reply to `line`, a command that may wait, or to the
+        command the session answered LATER; then what that reply starts (a
+        message, a handshake); then the next command, due by `deadline`
+        when the reactor was waiting for it. After such a command, a
+        session that would answer at once again (`Session.may_go_back`)
+        goes `back()` when that takes it: True, and the session is not
+        over."""
         self.channel = channel
-        self.session.may_wait = True
-        self.finish(lambda: self.go_on(unsent, deadline, later))
+        session = self.session
+        session.may_wait = True
 
-    def finish(self, converse: Callable[[], None]) -> None:
-        """`converse()`, then the end of the session, however it came."""
+        def go_on() -> bool:
+            if unsent:
+                channel.write(unsent)
+            if line is not None:
+                channel.send(self.guarded("command", session.handle, line))
+            elif later:
+                channel.send(self.guarded("command", session.resume))
+            self.after_reply()
+            if back is not None and session.may_go_back() and back():
+                return True
+            self.commands(deadline)
+            return False
+        return self.finish(go_on)
+
+    def finish(self, converse: Callable[[], bool | None]) -> bool:
+        """`converse()`, then the end of the session, however it came;
+        unless `converse` says it went back (True)."""
+        went_back = False
         try:
-            converse()
+            went_back = bool(converse())
         except Closed as closed:
             self.ended(closed)
         finally:
-            self.wrap_up(self.started)
+            if not went_back:
+                self.wrap_up(self.started)
+        return went_back
 
     def ended(self, closed: Closed) -> None:
         self.reason = closed.reason
@@ -70,14 +93,6 @@ class Dialogue:
     def converse(self) -> None:
         self.channel.send(self.guarded("greeting", self.session.greet, can_go_on=False))
         self.commands()
-
-    def go_on(self, unsent: bytes, deadline: float | None, later: bool) -> None:
-        if unsent:
-            self.channel.write(unsent)
-        if later:
-            self.channel.send(self.guarded("command", self.session.resume))
-        self.after_reply()
-        self.commands(deadline)
 
     def commands(self, deadline: float | None = None) -> None:
         """Command after command until the session is done; the first one

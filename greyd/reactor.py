@@ -5,22 +5,22 @@ HELO, MAIL, a RCPT greylisted, RSET or QUIT (spam that will not retry).
 With a thread per client, each of those lines wakes the client's thread,
 which takes the GIL from another and sleeps again at the next read: two
 context switches per command. A `Reactor` instead waits for all of its
-listener's clients at once (epoll, through `selectors`), reads whatever
+listener's clients at once (epoll), reads whatever
 lines came, and has each session answer them in turn on its one thread.
 
 It does only what answers at once (`Session.answers_at_once`). As soon as
 a session would wait, the reactor hands it over to a thread of the `Crew`
 with what it had read and not used yet, and there its `Dialogue` goes on
-as if it had run on that thread from the start; it never comes back. A
-session is handed over when
+as if it had run on that thread from the start. A session is handed over
 
-- a recipient is accepted (the upstream is opened and asked in lockstep),
-  or a RCPT would wait for the DNS lookups or for a store on another host
-  (PostgreSQL), or one that is failing;
-- its reply starts a message (354) or a TLS handshake (220 to STARTTLS);
-- its client goes quiet past the deadline of its command, sends a line
-  too long, or does not read its replies;
-- greyd is stopping.
+- for one command, and then comes back: a RCPT that waits for the DNS
+  lookups, for a store on another host (PostgreSQL) or one that is
+  failing, or for a commit about its own triplet;
+- for the rest of the session: when a recipient is accepted (the upstream
+  is opened and asked in lockstep), when its reply starts a message (354)
+  or a TLS handshake (220 to STARTTLS), when its client goes quiet past the
+  deadline of its command, sends a line too long, or does not read its
+  replies, and when greyd is stopping.
 
 So every edge of the SMTP dialogue (timeouts, the 421s, the message, TLS)
 has one implementation, the thread's, and the reactor only the common path.
@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import logging
 import queue
-import selectors
+import select
 import socket
 import threading
 import time
@@ -46,7 +46,6 @@ from .smtp import Session
 
 ACCEPT_BATCH = 64      # connections accepted per wake-up at most, before the sessions' lines
 ACCEPT_PAUSE = 0.05    # seconds before accept() is tried again after it failed (EMFILE)
-IDLE_THREADS = 16      # crew threads kept waiting after a burst; more leave
 IDLE_TIMEOUT = 2.0     # seconds a surplus crew thread stays without a session
 
 logger = logging.getLogger(__name__)
@@ -57,10 +56,10 @@ class Early:
     dialogue, what was read and not used yet, the deadline of the next
     command line, and what the last reply could not send at once."""
 
-    __slots__ = ("sock", "address", "dialogue", "buffer", "deadline", "unsent")
+    __slots__ = ("sock", "fd", "address", "dialogue", "buffer", "deadline", "unsent")
 
     def __init__(self, sock: socket.socket, address):
-        self.sock, self.address = sock, address
+        self.sock, self.fd, self.address = sock, sock.fileno(), address
         self.dialogue: Dialogue | None = None
         self.buffer = b""
         self.deadline = 0.0
@@ -85,14 +84,19 @@ class Reactor:
 
     def __init__(self, listener, crew: "Crew"):
         self.listener, self.crew = listener, crew
-        self.selector = selectors.DefaultSelector()
+        self.poll = select.epoll()
+        self.table: dict[int, Early | Callable[[], None]] = {}    # what each descriptor is
         self.early: set[Early] = set()
         self.earliest = float("inf")          # no deadline before this one
         self.accepting = True
         self.paused_until = 0.0               # accept() failed: tried again then
+        self.running = True
+        self._lock = threading.Lock()
+        self._back: list[Early] = []          # sessions a thread gave back (`_welcome`)
         self._wake, self._woken = socket.socketpair()
-        self.selector.register(self._woken, selectors.EVENT_READ, self._drain)
-        self.selector.register(listener.socket, selectors.EVENT_READ, self._accept)
+        self._listening = listener.socket.fileno()
+        self._register(self._woken.fileno(), self._drain)
+        self._register(self._listening, self._accept)
         listener.socket.setblocking(False)    # accepted sockets still block (their own flags)
 
     def start(self) -> None:
@@ -107,10 +111,14 @@ class Reactor:
 
     def run(self) -> None:
         try:
-            while self.accepting or self.early:
+            while True:
+                with self._lock:
+                    if not (self.accepting or self.early or self._back):
+                        self.running = False        # no session comes back from now on
+                        break
                 self._turn()
         finally:
-            self.selector.close()
+            self.poll.close()
             self._wake.close()
             self._woken.close()
 
@@ -125,17 +133,18 @@ class Reactor:
         if self.paused_until:
             if now >= self.paused_until:
                 self.paused_until = 0.0
-                self.selector.register(self.listener.socket, selectors.EVENT_READ, self._accept)
+                self._register(self._listening, self._accept)
             else:
                 wait = self.paused_until - now
                 timeout = wait if timeout is None else min(timeout, wait)
-        for key, _ in self.selector.select(timeout):
-            data = key.data
+        table = self.table
+        for fd, _ in self.poll.poll(-1 if timeout is None else timeout):
+            data = table.get(fd)
             try:
                 if type(data) is Early:
                     self._readable(data)
-                else:
-                    data(key.fileobj)
+                elif data is not None:
+                    data()
             except Exception:                       # noqa: BLE001 - logged, the loop goes on
                 logger.exception("reactor error")
                 if type(data) is Early and data in self.early:
@@ -144,13 +153,23 @@ class Reactor:
 
     # -- the listener ---------------------------------------------------------------------
 
-    def _drain(self, sock: socket.socket) -> None:
+    def _drain(self) -> None:
+        """The wake-up: the listener is closing, or sessions came back."""
         try:
-            sock.recv(64, socket.MSG_DONTWAIT)
+            self._woken.recv(64, socket.MSG_DONTWAIT)
         except OSError:
             pass
+        with self._lock:
+            back, self._back = self._back, []
+        now = time.monotonic()
+        for early in back:
+            self._expect(early, now)
+            self.early.add(early)
+            self._register(early.fd, early)
+            if early.buffer:
+                self._answer(early)             # what the client sent on meanwhile
 
-    def _accept(self, _) -> None:
+    def _accept(self) -> None:
         listener = self.listener
         for _ in range(ACCEPT_BATCH):
             try:
@@ -161,7 +180,7 @@ class Reactor:
                 if listener.closing:
                     self._stop_accepting()
                 else:                               # EMFILE, ENOBUFS: let sessions end first
-                    self._unregister(listener.socket)
+                    self._unregister(self._listening)
                     self.paused_until = time.monotonic() + ACCEPT_PAUSE
                 return
             if not listener.verify_request(sock, address):
@@ -172,14 +191,19 @@ class Reactor:
     def _stop_accepting(self) -> None:
         self.accepting = False
         if not self.paused_until:
-            self._unregister(self.listener.socket)
+            self._unregister(self._listening)
         self.paused_until = 0.0
 
-    def _unregister(self, fileobj) -> None:
-        try:
-            self.selector.unregister(fileobj)
-        except (KeyError, ValueError):
-            pass
+    def _register(self, fd: int, what) -> None:
+        self.table[fd] = what
+        self.poll.register(fd, select.EPOLLIN)
+
+    def _unregister(self, fd: int) -> None:
+        if self.table.pop(fd, None) is not None:
+            try:
+                self.poll.unregister(fd)
+            except OSError:                 # closed already: epoll forgot it then
+                pass
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -202,7 +226,7 @@ class Reactor:
             return
         self._expect(early, time.monotonic())
         self.early.add(early)
-        self.selector.register(sock, selectors.EVENT_READ, early)
+        self._register(early.fd, early)
 
     def _expect(self, early: Early, now: float) -> None:
         early.deadline = deadline = now + early.dialogue.command_timeout()
@@ -228,7 +252,7 @@ class Reactor:
         except OSError:
             data = b""                      # a reset: the client is gone as well
         if not data:                        # the client left, or greyd is stopping (421)
-            self._forget(early)
+            self._forget(early, closing=True)
             early.dialogue.ended(Closed("disconnect"))
             self._end(early)
             return
@@ -244,12 +268,15 @@ class Reactor:
             end = buffer.find(b"\n")
             if end < 0 and len(buffer) <= LINE_LIMIT:
                 return                      # the rest of the line is on its way
-            if (end < 0 or end > LINE_LIMIT or session.ctx.stopping.is_set()
-                    or not session.answers_at_once(buffer)):
+            if end < 0 or end > LINE_LIMIT or session.ctx.stopping.is_set():
                 self._forget(early)
                 self._hand_off(early, deadline=early.deadline)
                 return
             line, early.buffer = buffer[:end + 1], buffer[end + 1:]
+            if not session.answers_at_once(line):
+                self._forget(early)
+                self._hand_off(early, line=line)
+                return
             reply = dialogue.guarded("command", session.handle, line)
             if reply is replies.LATER:
                 self._forget(early)
@@ -261,14 +288,19 @@ class Reactor:
                 self._hand_off(early)
                 return
             if session.done:
-                self._forget(early)
+                self._forget(early, closing=True)
                 self._end(early)
                 return
             self._expect(early, time.monotonic())
 
-    def _forget(self, early: Early) -> None:
+    def _forget(self, early: Early, closing: bool = False) -> None:
+        """No longer the reactor's; `closing`: its socket is closed next,
+        which takes it out of epoll (no system call for that)."""
         self.early.discard(early)
-        self._unregister(early.sock)
+        if closing:
+            del self.table[early.fd]
+        else:
+            self._unregister(early.fd)
 
     def _end(self, early: Early) -> None:
         """The session ended here (QUIT, too many errors): its last line, the socket closed."""
@@ -280,29 +312,55 @@ class Reactor:
         finally:
             listener.shutdown_request(early.sock)
             metrics.connections(-1)
+            early.dialogue = None           # its channel sends through `early`: a cycle
 
-    def _hand_off(self, early: Early, deadline: float | None = None, later: bool = False) -> None:
-        self.crew.run(lambda: self._go_on(early, deadline, later))
+    def _hand_off(self, early: Early, *, deadline: float | None = None, later: bool = False,
+                  line: bytes | None = None) -> None:
+        self.crew.run(lambda: self._go_on(early, deadline, later, line))
 
-    def _go_on(self, early: Early, deadline: float | None, later: bool) -> None:
-        """On a crew thread: the rest of the session (`Dialogue.resume`)."""
+    def _go_on(self, early: Early, deadline: float | None, later: bool,
+               line: bytes | None) -> None:
+        """On a crew thread: the rest of the session (`Dialogue.resume`), or
+        only the command that had to wait, when it can come back after it."""
         listener, sock = self.listener, early.sock
         try:
             conn = Connection(sock, READ_WAKE, early.buffer)
             channel = Channel(io.BufferedReader(conn, READ_BUFFER), conn.send, conn.expect,
                               conn.start_tls)
-            early.dialogue.resume(channel, early.unsent, deadline, later)
+            back = None
+            if later or line is not None:
+                back = lambda: self._welcome(early, conn)       # noqa: E731
+            if early.dialogue.resume(channel, unsent=early.unsent, line=line, later=later,
+                                     deadline=deadline, back=back):
+                return                              # the reactor has it again
         except Exception:                           # noqa: BLE001 - logged by the listener
             listener.handle_error(sock, early.address)
-        finally:
-            listener.shutdown_request(sock)
-            metrics.connections(-1)
+        listener.shutdown_request(sock)
+        metrics.connections(-1)
+
+    def _welcome(self, early: Early, conn: Connection) -> bool:
+        """From a crew thread: take the session back, with what the client
+        sent that its thread did not read; False when the reactor has
+        stopped, or the thread read on."""
+        rest = conn.unread()
+        if rest is None:
+            return False
+        with self._lock:
+            if not self.running:
+                return False
+            early.buffer, early.unsent = rest, b""
+            early.dialogue.channel = Channel(None, early.send, None)
+            early.dialogue.session.may_wait = False
+            self._back.append(early)
+        self.wake()
+        return True
 
 
 class Crew:
     """Threads for the sessions handed over: an idle one takes the next,
-    else a new one starts; after a burst up to IDLE_THREADS wait for more,
-    and leave after IDLE_TIMEOUT without one."""
+    else a new one starts; an idle one leaves after IDLE_TIMEOUT without
+    one. (Under load the same threads serve command after command: a
+    thread started per command would cost more than the command.)"""
 
     def __init__(self):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -322,8 +380,6 @@ class Crew:
             job()
             job = None                              # the session's objects go now
             with self._lock:
-                if self._idle >= IDLE_THREADS:
-                    return
                 self._idle += 1
             try:
                 job = self._jobs.get(timeout=IDLE_TIMEOUT)

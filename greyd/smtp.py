@@ -147,6 +147,13 @@ class Session:
             return self.greylister.at_once or not self.ctx.lookup.enabled
         return self.relay is None
 
+    def may_go_back(self) -> bool:
+        """Whether the session is as a reactor serves it: no upstream, no
+        message or handshake under way, no TLS, not over, not stopping."""
+        return (self.relay is None and self.tls is None and not self.done
+                and not self.receiving and not self.starting_tls
+                and not self.ctx.stopping.is_set())
+
     def resume(self) -> Reply:
         """The reply to the command `handle` answered LATER: the waiting it
         put off, done now."""

@@ -24,7 +24,7 @@ from greyd.config import DnsConfig
 from greyd.dns import Lookup, hostname, list_query
 from greyd.store import Store
 
-from conftest import LogLines, write_config
+from conftest import LogLines, until, write_config
 from daemon import greyd as run_greyd
 from dnsserver import MALFORMED, NXDOMAIN, SERVFAIL, TIMEOUT, DnsServer
 from upstream import Upstream
@@ -367,9 +367,10 @@ def test_a_silent_resolver_delays_the_rcpt_by_at_most_dns_timeout(
 
 def test_a_rcpt_that_waits_for_the_resolver_keeps_no_other_session_waiting(
         start_greyd, upstream, dns_server):
-    """The sessions that answer at once share one thread (the reactor); one
-    whose RCPT must wait for its client's lookups goes on in a thread of its
-    own, and the others are served meanwhile."""
+    """The sessions that answer at once share one thread (the reactor); a
+    RCPT that must wait for its client's lookups is answered on a thread of
+    its own, the other sessions are served meanwhile, and then the session
+    is the reactor's again."""
     dns_server.mode(PTR1, TIMEOUT)
     g = start(start_greyd, upstream.port, dns_server, timeout=2)
     slow = g.smtp("127.0.0.1")
@@ -381,6 +382,9 @@ def test_a_rcpt_that_waits_for_the_resolver_keeps_no_other_session_waiting(
     assert quick.quit()[0] == 221
     assert select.select([slow.sock], [], [], 0)[0] == []     # still waiting
     assert slow.getreply()[0] == 451
+    reactor = g.daemon.listeners[0].reactor
+    assert until(lambda: len(reactor.early) == 1, 5)          # back on the reactor's thread
+    assert slow.rset()[0] == 250
     assert slow.quit()[0] == 221
 
 

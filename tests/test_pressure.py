@@ -108,6 +108,8 @@ def test_connection_limits_total_and_per_client(tmp_path, upstream, port):
         wait_listening(port)
         pid = daemon.proc.pid
         assert until(lambda: threads(pid) == BASE_THREADS, 10), threads(pid)
+        database = str(tmp_path / "var/greyd.db")
+        sockets = descriptors(pid, database)["socket"]
         try:
             opened += [Raw(port, source="127.0.0.2") for _ in range(2)]
             assert [c.greeting for c in opened] == [greeting] * 2
@@ -134,7 +136,9 @@ def test_connection_limits_total_and_per_client(tmp_path, upstream, port):
         finally:
             for c in opened:
                 c.close()
-        assert until(lambda: threads(pid) == BASE_THREADS, 10)
+        # every session ended (`sockets` may have counted a probe of wait_listening too)
+        assert until(lambda: descriptors(pid, database)["socket"] <= sockets, 10)
+        assert threads(pid) == BASE_THREADS
         assert greetings(port, 2, source="127.0.0.2") == [greeting] * 2   # both slots free again
         assert daemon.stop() == 0
     refused = [line for line in daemon.stderr.splitlines() if "connection refused" in line]
