@@ -325,6 +325,8 @@ class Reactor:
         listener, sock = self.listener, early.sock
         try:
             conn = Connection(sock, READ_WAKE, early.buffer)
+            # The channel alone holds the reader: STARTTLS replaces it, and the
+            # old one's buffer (and the connection's `early` bytes) must go with it.
             channel = Channel(io.BufferedReader(conn, READ_BUFFER), conn.send, conn.expect,
                               conn.start_tls)
             back = None
