@@ -46,7 +46,7 @@ from .smtp import Session
 
 ACCEPT_BATCH = 64      # connections accepted per wake-up at most, before the sessions' lines
 ACCEPT_PAUSE = 0.05    # seconds before accept() is tried again after it failed (EMFILE)
-IDLE_TIMEOUT = 2.0     # seconds a surplus crew thread stays without a session
+IDLE_TIMEOUT = 2.0     # seconds an idle crew thread waits for work before it leaves
 
 logger = logging.getLogger(__name__)
 
